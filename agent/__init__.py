@@ -1,0 +1,2 @@
+"""sandbox-agent: guest agent."""
+__version__ = "0.1.0"
