@@ -24,8 +24,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -e "$stamp" ]; then
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[dev]"
+    log=$(mktemp)
+    if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+           .venv/bin/python -m pip install -q -e ".[dev]"; } >"$log" 2>&1; then
+        cat "$log" >&2; rm -f "$log"
+        echo "setup: pip install failed" >&2
+        exit 1
+    fi
+    rm -f "$log"
     rm -f .venv/.installed-* && touch "$stamp"
 fi
 echo "setup: ready ($ROOT/.venv)"

@@ -1,0 +1,112 @@
+"""ttRPC framing: a 10-byte big-endian header then the message bytes.
+
+    0      4          8      9       10
+    | len  | streamid | type | flags | message (len bytes) ...
+
+The length excludes the header and may not exceed MAX_MESSAGE (4 MiB). Message types are
+Request (1), Response (2) and, since ttrpc 1.2, Data (3) for streams.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+HEADER = struct.Struct(">IIBB")
+HEADER_SIZE = HEADER.size  # 10
+MAX_MESSAGE = 4 << 20
+
+TYPE_REQUEST = 1
+TYPE_RESPONSE = 2
+TYPE_DATA = 3
+
+FLAG_REMOTE_CLOSED = 0x1
+FLAG_REMOTE_OPEN = 0x2
+FLAG_NO_DATA = 0x4
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    length: int
+    stream_id: int
+    type: int
+    flags: int = 0
+
+    def pack(self) -> bytes:
+        return HEADER.pack(self.length, self.stream_id, self.type, self.flags)
+
+
+def pack_frame(stream_id: int, mtype: int, payload: bytes, flags: int = 0) -> bytes:
+    """One frame, header and payload, as a single buffer (one write, one syscall)."""
+    if len(payload) > MAX_MESSAGE:
+        raise ValueError(f"message of {len(payload)} bytes exceeds the {MAX_MESSAGE}-byte ttRPC limit")
+    return HEADER.pack(len(payload), stream_id, mtype, flags) + payload
+
+
+class FrameError(Exception):
+    """The byte stream cannot be read as ttRPC frames any more (truncated, closed)."""
+
+
+@dataclass(slots=True)
+class Frame:
+    header: Header
+    payload: bytes | None  # None when the message was over MAX_MESSAGE and was discarded
+
+
+class FrameReader:
+    """Incremental frame decoder over any trio ReceiveStream.
+
+    Oversized messages are skipped as they stream in, never buffered whole, and are
+    reported as a Frame with payload None so the caller can answer RESOURCE_EXHAUSTED on
+    that stream and carry on, as Go's ttrpc does.
+    """
+
+    __slots__ = ("_receive", "_buf", "_chunk")
+
+    def __init__(self, stream, chunk: int = 64 * 1024, *, receive=None) -> None:
+        # `receive(n)` may replace stream.receive_some: the server passes a socket fast path.
+        self._receive = receive or stream.receive_some
+        self._buf = bytearray()
+        self._chunk = chunk
+
+    async def _fill(self, need: int) -> bool:
+        """Read until `need` bytes are buffered. False on a clean EOF before any byte."""
+        buf = self._buf
+        while len(buf) < need:
+            data = await self._receive(self._chunk)
+            if not data:
+                if buf:
+                    raise FrameError(f"connection closed mid-frame ({len(buf)} of {need} bytes)")
+                return False
+            buf += data
+        return True
+
+    async def read(self) -> Frame | None:
+        """The next frame, or None at a clean end of stream."""
+        if not await self._fill(HEADER_SIZE):
+            return None
+        buf = self._buf
+        length, sid, mtype, flags = HEADER.unpack_from(buf)
+        header = Header(length, sid, mtype, flags)
+        if length > MAX_MESSAGE:
+            del buf[:HEADER_SIZE]
+            await self._discard(length)
+            return Frame(header, None)
+        end = HEADER_SIZE + length
+        if len(buf) < end and not await self._fill(end):
+            raise FrameError("connection closed mid-frame")
+        payload = bytes(buf[HEADER_SIZE:end])
+        del buf[:end]
+        return Frame(header, payload)
+
+    async def _discard(self, n: int) -> None:
+        buf = self._buf
+        while n:
+            if not buf:
+                data = await self._receive(self._chunk)
+                if not data:
+                    raise FrameError(f"connection closed while skipping an oversized message ({n} bytes left)")
+                buf += data
+            k = min(n, len(buf))
+            del buf[:k]
+            n -= k

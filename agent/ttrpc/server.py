@@ -1,0 +1,346 @@
+"""ttRPC server on trio.
+
+One task reads frames from a connection; every request runs in its own task, so a
+connection can hold many calls in flight at once (Kata's runtime keeps WaitProcess,
+ReadStdout and GetOOMEvent blocked on one connection while it issues other calls).
+Responses are written whole, one frame per write, under a lock. When the peer goes away,
+the connection's tasks are cancelled.
+
+Bad input costs the peer, never the server: a request that cannot be decoded, names an
+unknown method, uses an even stream id or is over the size limit is answered with an error
+status on its stream; a stream that cannot be framed any more closes that one connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Mapping
+
+import trio
+from google.protobuf.message import DecodeError, Message
+
+from . import frame as fr
+from .codes import Code
+from .errors import TTRPCError, status_of
+from .ttrpc_pb2 import KeyValue, Request, Response, Status
+
+log = logging.getLogger("agent.ttrpc")
+
+# In-flight calls per connection before new ones are refused with RESOURCE_EXHAUSTED: a
+# bound on what one hostile peer can make the server hold.
+MAX_INFLIGHT = 1024
+
+
+@dataclass(slots=True)
+class CallContext:
+    """What a handler knows about its call besides the request message."""
+
+    service: str
+    method: str
+    stream_id: int
+    metadata: dict[str, list[str]]
+    deadline: float  # trio clock; math.inf when the caller set no timeout
+    peer: Any = None
+
+    def metadata_value(self, key: str) -> str | None:
+        values = self.metadata.get(key.lower())
+        return values[-1] if values else None
+
+
+Handler = Callable[[CallContext, Message], Awaitable[Message]]
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    request_cls: type[Message]
+    handler: Handler
+
+
+@dataclass(slots=True)
+class _Stats:
+    connections: int = 0
+    calls: int = 0
+    errors: int = 0
+    bad_frames: int = 0
+
+
+class Server:
+    """A set of services served on any number of listeners and streams."""
+
+    def __init__(self) -> None:
+        self._services: dict[str, dict[str, Method]] = {}
+        self.stats = _Stats()
+
+    # registration -------------------------------------------------------------------
+    def register(self, service: str, method: str, request_cls: type[Message], handler: Handler) -> None:
+        self._services.setdefault(service, {})[method] = Method(request_cls, handler)
+
+    def register_service(self, service: str, methods: Mapping[str, Method]) -> None:
+        self._services.setdefault(service, {}).update(methods)
+
+    def has_service(self, service: str) -> bool:
+        return service in self._services
+
+    # serving ------------------------------------------------------------------------
+    async def serve_listeners(self, listeners: list[trio.abc.Listener], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener)
+            task_status.started()
+
+    async def serve_socket(self, sock: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve an already bound and listening stdlib socket (unix or vsock).
+
+        Connections accepted here get the socket fast path (see _RawSocket)."""
+        sock.setblocking(False)
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                except OSError as exc:  # EMFILE and friends: back off, keep serving
+                    log.warning("accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                conn.setblocking(False)
+                nursery.start_soon(self._serve_raw_socket, conn)
+
+    async def _serve_raw_socket(self, conn: socket.socket) -> None:
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+        await self.serve_stream(stream, raw=_RawSocket(conn))
+
+    async def _accept_loop(self, listener: trio.abc.Listener) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:  # EMFILE and friends: back off, keep serving
+                    log.warning("accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(self.serve_stream, stream)
+
+    async def serve_stream(self, stream: trio.abc.Stream, peer: Any = None, *, raw: "_RawSocket | None" = None) -> None:
+        """Serve one connection until the peer closes it or it stops being valid ttRPC."""
+        self.stats.connections += 1
+        conn = _Connection(self, stream, peer, raw)
+        try:
+            await conn.run()
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await trio.aclose_forcefully(stream)
+                except Exception:  # noqa: BLE001 - closing a broken stream may fail; nothing to do
+                    pass
+
+    # dispatch -----------------------------------------------------------------------
+    def _lookup(self, service: str, method: str) -> Method:
+        methods = self._services.get(service)
+        if methods is None:
+            raise TTRPCError(Code.UNIMPLEMENTED, f"service {service}")
+        m = methods.get(method)
+        if m is None:
+            raise TTRPCError(Code.UNIMPLEMENTED, f"method {service}/{method}")
+        return m
+
+
+class _RawSocket:
+    """Direct non-blocking syscalls on a connected socket, entering trio's scheduler only
+    when the kernel says EAGAIN. trio's stream methods checkpoint on every call, and at one
+    call per request that was half the server's time per unary call; this keeps one
+    checkpoint per few frames for fairness instead of several per call."""
+
+    __slots__ = ("sock", "_streak")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._streak = 0
+
+    async def receive(self, n: int) -> bytes:
+        while True:
+            try:
+                data = self.sock.recv(n)
+            except BlockingIOError:
+                self._streak = 0
+                await trio.lowlevel.wait_readable(self.sock)
+                continue
+            self._streak += 1
+            if self._streak >= 16:  # a peer that never lets us block must not starve handlers
+                self._streak = 0
+                await trio.lowlevel.checkpoint()
+            return data
+
+    def try_send(self, data: bytes) -> int:
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+
+
+class _Connection:
+    __slots__ = ("server", "stream", "peer", "raw", "send_lock", "send_waiters", "inflight", "nursery", "closed")
+
+    def __init__(self, server: Server, stream: trio.abc.Stream, peer: Any, raw: _RawSocket | None = None) -> None:
+        self.server = server
+        self.stream = stream
+        self.peer = peer
+        self.raw = raw
+        self.send_lock = trio.Lock()
+        self.send_waiters = 0  # senders in the slow path; the fast path may not cut in
+        self.inflight: set[int] = set()
+        self.nursery: trio.Nursery | None = None
+        self.closed = False
+
+    async def run(self) -> None:
+        reader = fr.FrameReader(self.stream, receive=self.raw.receive if self.raw else None)
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            try:
+                while True:
+                    f = await reader.read()
+                    if f is None:
+                        break
+                    self._on_frame(f)
+            except fr.FrameError as exc:
+                self.server.stats.bad_frames += 1
+                log.info("closing connection: %s", exc)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                log.debug("connection ended: %s", exc)
+            finally:
+                # The peer is gone (or unframeable): its calls are moot.
+                self.closed = True
+                nursery.cancel_scope.cancel()
+
+    def _on_frame(self, f: fr.Frame) -> None:
+        h = f.header
+        if f.payload is None:
+            self.server.stats.bad_frames += 1
+            self._reply_error(h.stream_id, Code.RESOURCE_EXHAUSTED,
+                              f"message length {h.length} exceeds maximum message size of {fr.MAX_MESSAGE}")
+            return
+        if h.type != fr.TYPE_REQUEST:
+            # Data frames belong to streaming calls, which no method here takes; other
+            # types are reserved. Ignoring them is what Go's ttrpc does, for compatibility.
+            return
+        try:
+            req = Request.FromString(f.payload)
+        except DecodeError as exc:
+            self.server.stats.bad_frames += 1
+            self._reply_error(h.stream_id, Code.INVALID_ARGUMENT, f"unmarshal request error: {exc}")
+            return
+        sid = h.stream_id
+        if sid % 2 != 1:
+            self._reply_error(sid, Code.INVALID_ARGUMENT, "StreamID must be odd for client initiated streams")
+            return
+        if sid in self.inflight:
+            self._reply_error(sid, Code.INVALID_ARGUMENT, f"stream {sid} already has a call in flight")
+            return
+        if len(self.inflight) >= MAX_INFLIGHT:
+            self._reply_error(sid, Code.RESOURCE_EXHAUSTED, f"more than {MAX_INFLIGHT} calls in flight on this connection")
+            return
+        self.inflight.add(sid)
+        self.nursery.start_soon(self._call, sid, req)
+
+    def _reply_error(self, sid: int, code: Code, message: str) -> None:
+        resp = Response(status=Status(code=int(code), message=message))
+        self.nursery.start_soon(self._send, sid, resp.SerializeToString())
+
+    async def _send(self, sid: int, payload: bytes) -> None:
+        data = fr.pack_frame(sid, fr.TYPE_RESPONSE, payload)
+        if self.closed:
+            return
+        self.send_waiters += 1
+        try:
+            if self.raw is not None and self.send_waiters == 1:
+                # Nobody else is mid-frame: write without the lock; no await happens between
+                # the check and the syscall, so no other task can interleave bytes.
+                n = self.raw.try_send(data)
+                if n == len(data):
+                    return
+                data = data[n:]
+            async with self.send_lock:
+                if self.closed:
+                    return
+                await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("send failed, closing connection: %s", exc)
+            self.closed = True
+            self.nursery.cancel_scope.cancel()
+        finally:
+            self.send_waiters -= 1
+
+    async def _call(self, sid: int, req: Request) -> None:
+        server = self.server
+        server.stats.calls += 1
+        try:
+            try:
+                method = server._lookup(req.service, req.method)
+                try:
+                    msg = method.request_cls.FromString(req.payload)
+                except DecodeError as exc:
+                    raise TTRPCError(Code.INVALID_ARGUMENT,
+                                     f"{req.service}/{req.method}: cannot decode {method.request_cls.DESCRIPTOR.full_name}: {exc}")
+                md: dict[str, list[str]] = {}
+                for kv in req.metadata:
+                    md.setdefault(kv.key.lower(), []).append(kv.value)
+                timeout = req.timeout_nano
+                if timeout > 0:
+                    deadline = trio.current_time() + timeout / 1e9
+                    ctx = CallContext(req.service, req.method, sid, md, deadline, self.peer)
+                    with trio.CancelScope(deadline=deadline) as scope:
+                        result = await method.handler(ctx, msg)
+                    if scope.cancelled_caught:
+                        raise TTRPCError(Code.DEADLINE_EXCEEDED, f"{req.service}/{req.method}: deadline exceeded")
+                else:
+                    ctx = CallContext(req.service, req.method, sid, md, math.inf, self.peer)
+                    result = await method.handler(ctx, msg)
+                payload = result.SerializeToString()
+                if len(payload) + 16 > fr.MAX_MESSAGE:
+                    raise TTRPCError(Code.RESOURCE_EXHAUSTED,
+                                     f"{req.service}/{req.method}: response of {len(payload)} bytes exceeds the "
+                                     f"{fr.MAX_MESSAGE}-byte message limit")
+            except TTRPCError as exc:
+                code, message = status_of(exc)
+            except trio.Cancelled:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a handler bug must answer, not kill the server
+                code, message = status_of(exc)
+                if code in (Code.UNKNOWN, Code.INTERNAL):
+                    log.exception("%s/%s failed", req.service, req.method)
+            else:
+                await self._send(sid, _ok_response(payload))
+                return
+            server.stats.errors += 1
+            await self._send(sid, Response(status=Status(code=int(code), message=message)).SerializeToString())
+        finally:
+            self.inflight.discard(sid)
+
+
+def _ok_response(payload: bytes) -> bytes:
+    """Response{status: {}, payload} encoded directly: the hot path of every successful call,
+    and the same bytes the protobuf encoder gives (field 1 empty message, field 2 bytes)."""
+    n = len(payload)
+    if n == 0:
+        return b"\x0a\x00"
+    out = bytearray(b"\x0a\x00\x12")
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    out += payload
+    return bytes(out)
+
+
+def metadata_pairs(md: Mapping[str, str | list[str]] | None) -> list[KeyValue]:
+    """Request metadata as ttRPC KeyValue pairs (a key may repeat)."""
+    out: list[KeyValue] = []
+    for k, v in (md or {}).items():
+        for item in ([v] if isinstance(v, str) else v):
+            out.append(KeyValue(key=k, value=item))
+    return out
