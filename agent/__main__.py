@@ -1,46 +1,52 @@
-"""``python -m agent --server-addr ADDR``: run the agent outside a VM (development, tests).
+"""``python -m agent --server-addr ADDR``: the agent outside a VM (development, tests).
 
-The address may also come from AGENT_SERVER_ADDR. In a guest, PID 1 is agent/init.py and
-reads the same setting from the kernel command line (agent.server_addr).
+The same code as in the guest: agent/init.py runs as a child subreaper and starts the
+confined comms daemon, which serves ADDR (also read from AGENT_SERVER_ADDR). In a guest,
+init is PID 1 and reads its settings from the kernel command line instead.
+
+Other options are init's (``--run-dir``, ``--runtime``, ``--log-level``, ...; see
+``python -m agent.init --help``). Without ``--run-dir``, each server address gets its own
+run directory under /run/sandbox-agent, so several agents can run side by side.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
+import hashlib
 import os
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m agent", description=__doc__.splitlines()[0])
-    p.add_argument("--server-addr", default=os.environ.get("AGENT_SERVER_ADDR"),
-                   help="vsock://CID:PORT, unix:///path, unix://@name or serial:///dev/virtio-ports/NAME "
-                        "(default: $AGENT_SERVER_ADDR)")
-    p.add_argument("--log-level", default=os.environ.get("AGENT_LOG_LEVEL", "info"))
-    args = p.parse_args(argv)
-    if not args.server_addr:
-        p.error("--server-addr (or AGENT_SERVER_ADDR) is required")
-
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import trio
-
-    from agent.daemon.main import serve
-    from agent.ttrpc import AddressError, parse_address
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+    addr = os.environ.get("AGENT_SERVER_ADDR", "")
+    for i, a in enumerate(argv):
+        if a == "--server-addr" and i + 1 < len(argv):
+            addr = argv[i + 1]
+        elif a.startswith("--server-addr="):
+            addr = a.split("=", 1)[1]
+    if not addr:
+        print("python -m agent: --server-addr ADDR (or AGENT_SERVER_ADDR) is required, e.g. "
+              "unix:///run/agent.sock", file=sys.stderr)
+        return 2
+    from agent.address import AddressError, parse_address
 
     try:
-        parse_address(args.server_addr)
+        parse_address(addr)
     except AddressError as exc:
-        p.error(str(exc))
-    try:
-        trio.run(serve, args.server_addr)
-    except KeyboardInterrupt:
-        return 130
-    except OSError as exc:
-        print(f"agent: cannot serve on {args.server_addr}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        print(f"python -m agent: {exc}", file=sys.stderr)
+        return 2
+    if not any(a == "--run-dir" or a.startswith("--run-dir=") for a in argv):
+        tag = hashlib.sha256(addr.encode()).hexdigest()[:12]
+        base = "/run/sandbox-agent" if os.geteuid() == 0 else os.path.join(
+            os.environ.get("XDG_RUNTIME_DIR", "/tmp"), "sandbox-agent")
+        argv += ["--run-dir", os.path.join(base, tag)]
+    if os.getpid() == 1:
+        argv.append("--subreaper")  # `python -m agent` is never the guest's PID 1
+    from agent import init
+
+    return init.main(argv)
 
 
 if __name__ == "__main__":

@@ -718,13 +718,15 @@ class PullImageRequest(_message.Message):
     def __init__(self, image: _Optional[str] = ..., container_id: _Optional[str] = ..., source_creds: _Optional[str] = ..., lazy: bool = ..., platform: _Optional[str] = ..., insecure_registries: _Optional[_Iterable[str]] = ..., auth_config_json: _Optional[str] = ...) -> None: ...
 
 class PullImageResponse(_message.Message):
-    __slots__ = ("image_ref", "manifest_digest", "rootfs", "lazy")
+    __slots__ = ("image_ref", "manifest_digest", "rootfs", "lazy", "runtime_config_json")
     IMAGE_REF_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     ROOTFS_FIELD_NUMBER: _ClassVar[int]
     LAZY_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     image_ref: str
     manifest_digest: str
     rootfs: str
     lazy: bool
-    def __init__(self, image_ref: _Optional[str] = ..., manifest_digest: _Optional[str] = ..., rootfs: _Optional[str] = ..., lazy: bool = ...) -> None: ...
+    runtime_config_json: str
+    def __init__(self, image_ref: _Optional[str] = ..., manifest_digest: _Optional[str] = ..., rootfs: _Optional[str] = ..., lazy: bool = ..., runtime_config_json: _Optional[str] = ...) -> None: ...

@@ -87,3 +87,23 @@ def _host_connected(fd: int) -> bool:
     ev = events[0][1]
     # Hang-up without pending input means nobody is on the host side yet.
     return not (ev & (select.POLLHUP | select.POLLERR)) or bool(ev & select.POLLIN)
+
+
+async def serve_serial_fd(server: Server, fd: int, *, task_status=trio.TASK_STATUS_IGNORED,
+                          max_backoff: float = 0.5) -> None:
+    """Like :func:`serve_serial` on a port already opened by someone else (init opens it and
+    hands the fd to the confined daemon, which may not open devices): the fd stays, each
+    host connection is served on a duplicate of it."""
+    _make_raw(fd)
+    os.set_blocking(fd, False)
+    task_status.started()
+    backoff = 0.01
+    while True:
+        if not _host_connected(fd):
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, max_backoff)
+            continue
+        t0 = trio.current_time()
+        await server.serve_stream(trio.lowlevel.FdStream(os.dup(fd)), peer=f"fd:{fd}")
+        backoff = 0.01 if trio.current_time() - t0 > 1.0 else min(backoff * 2, max_backoff)
+        await trio.sleep(backoff)

@@ -312,6 +312,7 @@ def test_pull_image_extension() -> None:
         "manifest_digest": (16, "string"),
         "rootfs": (17, "string"),
         "lazy": (18, "bool"),
+        "runtime_config_json": (19, "string"),
     }
 
 

@@ -1,0 +1,34 @@
+"""OCI runtime bundle launcher: the runc of the guest (see agent/launcher/container.py).
+
+Console script ``oci-launcher`` and ``python -m agent.oci_launcher``.
+"""
+from __future__ import annotations
+
+import sys
+
+
+def _add_site_packages() -> None:
+    # Run as `python -I -S` (fast start) the venv's site-packages, where pyseccomp lives, is
+    # not on sys.path, and without site.py sys.prefix is the base interpreter's: find the
+    # venv from the interpreter path (its pyvenv.cfg) by hand instead of importing site.
+    import os
+    ver = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    for prefix in (os.path.dirname(os.path.dirname(sys.executable)), sys.prefix):
+        sp = os.path.join(prefix, "lib", ver, "site-packages")
+        if sp not in sys.path and os.path.isdir(sp):
+            sys.path.append(sp)
+
+
+def main() -> None:
+    _add_site_packages()
+    # No self re-exec here: only the processes that enter a container need a protected
+    # executable, and container.py starts those from a sealed copy (launcher/selfexe.py).
+    from agent.launcher import cli
+    sys.stdout.flush()
+    code = cli.main()
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Init's operations for images and container state changes the runtime performs:
+pull (the puller as a confined helper job), snapshot / unsnapshot of a pulled image as a
+container's rootfs, update (resources), pause, resume, and setting the guest clock.
+
+Kept apart from agent.privsep.ops so that the core operations stay small; init registers
+these through :data:`OPS` and :func:`parse`, and runs them with :func:`handle`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from .record import record
+
+from .ops import ValidationError, _get, check_id
+
+_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,511}\Z")
+_HOSTPORT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}(:[0-9]{1,5})?\Z|\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?\Z")
+_PLATFORM_RE = re.compile(r"[a-z0-9]{1,32}/[a-z0-9_]{1,32}(/[a-z0-9]{1,16})?\Z")
+IMAGES_DIR = "images"    # the store: blobs, layers, snapshot records
+ROOTFS_DIR = "rootfs"
+# A big image over a slow link takes a while; the puller bounds each request itself
+# (a dead registry fails in seconds), this only stops a wedged job.
+PULL_JOB_TIMEOUT = 1800.0    # <run_dir>/rootfs/<container id>: pulled images' rootfs mounts
+
+
+@record(frozen=True)
+class PullImage:
+    image: str
+    platform: str = ""
+    insecure: tuple[str, ...] = ()
+    creds: str = ""
+
+
+@record(frozen=True)
+class Snapshot:
+    image: str
+    container_id: str
+
+
+@record(frozen=True)
+class Unsnapshot:
+    container_id: str
+
+
+@record(frozen=True)
+class Update:
+    container_id: str
+    resources: dict
+
+
+@record(frozen=True)
+class Pause:
+    container_id: str
+
+
+@record(frozen=True)
+class Resume:
+    container_id: str
+
+
+@record(frozen=True)
+class SetTime:
+    sec: int
+    usec: int
+
+
+OPS: dict[str, type] = {"pull": PullImage, "snapshot": Snapshot, "unsnapshot": Unsnapshot, "update": Update,
+                        "pause": Pause, "resume": Resume, "set_time": SetTime}
+
+
+def _image(args: dict) -> str:
+    ref = _get(args, "image", str)
+    if not _REF_RE.match(ref):
+        raise ValidationError("image", f"{ref[:100]!r} is not an image reference")
+    return ref
+
+
+def parse(op: str, args: dict):
+    if op == "pull":
+        platform = _get(args, "platform", str, "", required=False)
+        if platform and not _PLATFORM_RE.match(platform):
+            raise ValidationError("platform", f"{platform[:40]!r} is not os/arch[/variant]")
+        insecure = _get(args, "insecure", list, [], required=False)
+        for i, h in enumerate(insecure):
+            if not isinstance(h, str) or not _HOSTPORT_RE.match(h):
+                raise ValidationError(f"insecure[{i}]", f"{str(h)[:80]!r} is not host[:port]")
+        creds = _get(args, "creds", str, "", required=False)
+        if len(creds) > 4096 or "\0" in creds or (creds and ":" not in creds):
+            raise ValidationError("creds", "must be USER:PASSWORD")
+        return PullImage(_image(args), platform, tuple(insecure), creds)
+    if op == "snapshot":
+        return Snapshot(_image(args), check_id("container_id", _get(args, "container_id", str)))
+    if op == "unsnapshot":
+        return Unsnapshot(check_id("container_id", _get(args, "container_id", str)))
+    if op == "update":
+        res = _get(args, "resources", dict)
+        if len(json.dumps(res)) > 64 * 1024:
+            raise ValidationError("resources", "too large")
+        return Update(check_id("container_id", _get(args, "container_id", str)), res)
+    if op in ("pause", "resume"):
+        return OPS[op](check_id("container_id", _get(args, "container_id", str)))
+    if op == "set_time":
+        sec, usec = _get(args, "sec", int), _get(args, "usec", int)
+        if sec < 0 or not 0 <= usec < 1_000_000:
+            raise ValidationError("sec", f"{sec}.{usec:06d} is not a valid time")
+        return SetTime(sec, usec)
+    raise ValidationError("op", f"unknown operation {op!r}")
+
+
+# ---- acting ------------------------------------------------------------------------------
+
+def _json_job(sandbox, argv: list[str], what: str, env: dict | None = None):
+    """A child whose stdout is one JSON answer; its stderr goes to a log read on failure."""
+    from .handlers import Job, OpError, Reply
+
+    r, w = os.pipe2(os.O_CLOEXEC)
+    log = sandbox._tmp("log")
+    logfd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        saved = dict(os.environ)
+        if env:
+            os.environ.update(env)
+        try:
+            pid = sandbox._spawn(argv, [None, w, logfd])
+        finally:
+            if env:
+                os.environ.clear()
+                os.environ.update(saved)
+    finally:
+        os.close(w)
+        os.close(logfd)
+    os.set_blocking(r, False)
+
+    def finish(job) -> Reply:
+        try:
+            with open(log, errors="replace") as f:
+                err = f.read()[-2000:].strip()
+        except OSError:
+            err = ""
+        finally:
+            try:
+                os.unlink(log)
+            except OSError:
+                pass
+        if job.status != 0:
+            lines = [l for l in err.splitlines() if l.strip()]
+            raise OpError("", f"{what} failed: {lines[-1] if lines else f'status {job.status}'}")
+        try:
+            return Reply(json.loads(bytes(job.out) or b"{}"))
+        except ValueError:
+            raise OpError("", f"{what}: unreadable answer") from None
+    return Job(pid, finish, out_r=r)
+
+
+def handle(sandbox, op, fds: list[int]):
+    from .handlers import OpError, Reply
+
+    store = os.path.join(sandbox.run_dir, IMAGES_DIR)
+    py = [sys.executable, "-m", "puller.agentjob"]
+    if isinstance(op, PullImage):
+        argv = py + ["pull", op.image, "--store", store]
+        if op.platform:
+            argv += ["--platform", op.platform]
+        for h in op.insecure:
+            argv += ["--plain-http", h]
+        # credentials by environment, not argv: /proc/<pid>/cmdline is readable by anyone
+        job = _json_job(sandbox, argv, f"pull of {op.image}", {"PULLER_CREDS": op.creds} if op.creds else None)
+        job.timeout = PULL_JOB_TIMEOUT
+        return job
+    if isinstance(op, Snapshot):
+        dest = os.path.join(sandbox.run_dir, ROOTFS_DIR, op.container_id)
+        os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
+        return _json_job(sandbox, py + ["snapshot", op.image, "--store", store, "--dest", dest,
+                                        "--id", op.container_id], f"snapshot of {op.image}")
+    if isinstance(op, Unsnapshot):
+        return _json_job(sandbox, py + ["unsnapshot", op.container_id, "--store", store],
+                         f"unsnapshot of {op.container_id}")
+    if isinstance(op, Update):
+        sandbox._container(op.container_id)
+        path = sandbox._tmp("resources")
+        with open(path, "w") as f:
+            json.dump(op.resources, f)
+        job = sandbox._simple_runtime_job(["update", "--resources", path, op.container_id],
+                                          f"update of {op.container_id!r}")
+        return job
+    if isinstance(op, (Pause, Resume)):
+        sandbox._container(op.container_id)
+        verb = "pause" if isinstance(op, Pause) else "resume"
+        return sandbox._simple_runtime_job([verb, op.container_id], f"{verb} of {op.container_id!r}")
+    if isinstance(op, SetTime):
+        import ctypes
+
+        class timeval(ctypes.Structure):
+            _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.settimeofday(ctypes.byref(timeval(op.sec, op.usec)), None) != 0:
+            e = ctypes.get_errno()
+            raise OpError("", f"settimeofday: {os.strerror(e)}")
+        return Reply({})
+    raise OpError("op", f"unhandled operation {type(op).__name__}")

@@ -1,0 +1,267 @@
+"""HTTP client of one registry host (Distribution API v2).
+
+Built on oras-py's `Registry`: its requests session (cookie policy, TLS
+verification or a custom CA bundle) and its `TokenAuth` backend (parsing the
+Bearer challenge, anonymous and basic-authenticated token requests).  We go
+around oras for the request loop itself: its `do_request` retries with sleeps
+of 2+3**n seconds and no socket timeouts, so a dead registry would hang a pull
+for minutes.  Here every request has socket timeouts and all retries of one
+request share a bounded time budget.  Basic challenges (htpasswd registries)
+are answered here, since oras's TokenAuth only speaks Bearer.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import oras.provider
+import requests
+import requests.adapters
+
+from .auth import Credentials, credentials_from_docker_config, parse_challenge
+from .digest import validate_digest
+from .errors import NotFound, RegistryError, RegistryUnavailable, Unauthorized
+
+log = logging.getLogger(__name__)
+
+MAX_MANIFEST_BYTES = 4 << 20
+_RETRY_STATUS = {429, 500, 502, 503, 504}
+
+
+@dataclass
+class RegistryOptions:
+    """How to reach registries.  `timeout` bounds all retries of one request."""
+
+    plain_http: frozenset[str] = frozenset()  # host[:port] spoken to over plain HTTP
+    ca_file: str | None = None  # PEM bundle trusted for TLS instead of the system's
+    credentials: Credentials | None = None
+    auth_file: str | None = None  # docker config.json
+    timeout: float = 30.0
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    user_agent: str = "sandbox-agent-puller/0.1"
+
+    def credentials_for(self, host: str) -> Credentials | None:
+        if self.credentials is not None:
+            return self.credentials
+        if self.auth_file:
+            return credentials_from_docker_config(self.auth_file, host)
+        return None
+
+
+class _TimeoutAdapter(requests.adapters.HTTPAdapter):
+    """Gives requests made inside oras (token fetches) a socket timeout too."""
+
+    def __init__(self, timeout: tuple[float, float]) -> None:
+        super().__init__(max_retries=0, pool_maxsize=16)
+        self._timeout = timeout
+
+    def send(self, request, **kwargs):  # type: ignore[override]
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self._timeout
+        return super().send(request, **kwargs)
+
+
+@dataclass
+class ManifestResponse:
+    body: bytes
+    content_type: str
+    docker_content_digest: str | None
+    url: str
+
+
+def _error_text(resp: requests.Response) -> str:
+    try:
+        data = resp.json()
+        errors = data.get("errors") if isinstance(data, dict) else None
+        if errors:
+            return "; ".join(f"{e.get('code', '?')}: {e.get('message', '')}" for e in errors if isinstance(e, dict))
+    except ValueError:
+        pass
+    return (resp.text or resp.reason or "")[:200]
+
+
+class RegistryClient:
+    """Talks to one registry host; thread-safe for concurrent blob downloads."""
+
+    def __init__(self, host: str, options: RegistryOptions | None = None) -> None:
+        self.host = host
+        self.options = options or RegistryOptions()
+        plain = host in self.options.plain_http
+        tls_verify: bool | str = self.options.ca_file or True
+        self._oras = oras.provider.Registry(hostname=host, insecure=plain, tls_verify=tls_verify)
+        self.session: requests.Session = self._oras.session
+        self.session.headers["User-Agent"] = self.options.user_agent
+        adapter = _TimeoutAdapter((self.options.connect_timeout, self.options.read_timeout))
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self._verify = tls_verify
+        self.base = f"{'http' if plain else 'https'}://{host}/v2/"
+        self._creds = self.options.credentials_for(host)
+        if self._creds is not None:
+            self._oras.auth.set_basic_auth(self._creds.username, self._creds.password)
+        self._auth_header: dict[str, str] = {}
+
+    # -- request loop -------------------------------------------------------
+    def _authenticate(self, resp: requests.Response, headers: dict[str, str]) -> bool:
+        """Answer a 401 challenge; True if the request is worth repeating."""
+        raw = resp.headers.get("WWW-Authenticate", "")
+        scheme, params = parse_challenge(raw) if raw else ("", {})
+        if scheme == "basic":
+            if self._creds is None:
+                return False
+            self._auth_header = {"Authorization": f"Basic {self._creds.basic_token()}"}
+            return True
+        if scheme == "bearer":
+            if not params.get("realm", "").startswith(("https://", "http://")):
+                raise Unauthorized(f"{self.host}: bearer challenge without a usable realm: {raw[:200]!r}")
+            new, ok = self._oras.auth.authenticate_request(resp, dict(headers), refresh=True)
+            if not ok or "Authorization" not in new:
+                return False
+            self._auth_header = {"Authorization": new["Authorization"]}
+            return True
+        return False
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str] | None = None,
+        stream: bool = False,
+        ok: Iterable[int] = (200,),
+        what: str = "",
+    ) -> requests.Response:
+        """One API request with bounded retries; raises on a non-`ok` status."""
+        url = path if path.startswith(("http://", "https://")) else self.base + path
+        what = what or f"{method} {url}"
+        deadline = time.monotonic() + self.options.timeout
+        attempt = 0
+        auth_tried = False
+        last_error = ""
+        ok = tuple(ok)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RegistryUnavailable(
+                    f"{what}: registry {self.host} gave no usable answer within "
+                    f"{self.options.timeout:g}s ({attempt} attempts; last error: {last_error})"
+                )
+            attempt += 1
+            hdrs = dict(headers or {})
+            hdrs.update(self._auth_header)
+            timeout = (min(self.options.connect_timeout, remaining), min(self.options.read_timeout, remaining))
+            try:
+                resp = self.session.request(method, url, headers=hdrs, stream=stream,
+                                            timeout=timeout, verify=self._verify, allow_redirects=True)
+            except requests.exceptions.SSLError as exc:
+                # A certificate problem does not go away by retrying.
+                raise RegistryError(f"{what}: TLS error talking to {self.host}: {exc}") from exc
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                last_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.debug("%s: attempt %d failed: %s", what, attempt, last_error)
+                self._backoff(attempt, deadline)
+                continue
+            if resp.status_code in ok:
+                return resp
+            if resp.status_code == 401 and not auth_tried:
+                auth_tried = True
+                resp.close()
+                try:
+                    authed = self._authenticate(resp, hdrs)
+                except (requests.ConnectionError, requests.Timeout) as exc:
+                    last_error = f"token request failed: {exc}"[:300]
+                    auth_tried = False
+                    self._backoff(attempt, deadline)
+                    continue
+                if authed:
+                    continue
+            if resp.status_code in (401, 403):
+                raise Unauthorized(f"{what}: {self.host} refused access ({resp.status_code}): {_error_text(resp)}",
+                                   status=resp.status_code)
+            if resp.status_code == 404:
+                raise NotFound(f"{what}: not found on {self.host}: {_error_text(resp)}", status=404)
+            if resp.status_code in _RETRY_STATUS:
+                last_error = f"HTTP {resp.status_code} {_error_text(resp)}"
+                resp.close()
+                self._backoff(attempt, deadline)
+                continue
+            raise RegistryError(f"{what}: {self.host} answered {resp.status_code}: {_error_text(resp)}",
+                                status=resp.status_code)
+
+    @staticmethod
+    def _backoff(attempt: int, deadline: float) -> None:
+        delay = min(0.1 * (2 ** (attempt - 1)), 2.0, max(0.0, deadline - time.monotonic()))
+        if delay > 0:
+            time.sleep(delay)
+
+    # -- API ------------------------------------------------------------------
+    def get_manifest(self, repository: str, selector: str, accept: Iterable[str]) -> ManifestResponse:
+        """Fetch raw manifest bytes by tag or digest (digest validated first)."""
+        if ":" in selector:
+            selector = validate_digest(selector, what=f"manifest digest for {repository}")
+        resp = self.request("GET", f"{repository}/manifests/{selector}", stream=True,
+                            headers={"Accept": ", ".join(accept)},
+                            what=f"manifest {repository}:{selector}" if ":" not in selector
+                            else f"manifest {repository}@{selector}")
+        with resp:
+            body = _read_capped(resp, MAX_MANIFEST_BYTES, f"manifest {repository}@{selector}")
+        return ManifestResponse(
+            body=body,
+            content_type=resp.headers.get("Content-Type", "").split(";")[0].strip(),
+            docker_content_digest=resp.headers.get("Docker-Content-Digest"),
+            url=resp.url,
+        )
+
+    def open_blob(self, repository: str, digest: str, offset: int = 0) -> requests.Response:
+        """Start a streaming GET of a blob (from `offset` with a Range request); the caller
+        verifies what it reads."""
+        digest = validate_digest(digest, what=f"blob digest in {repository}")
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        return self.request("GET", f"{repository}/blobs/{digest}", stream=True, headers=headers,
+                            ok=(200, 206) if offset else (200,), what=f"blob {repository}@{digest}")
+
+    def referrers(self, repository: str, digest: str, artifact_type: str | None = None) -> dict | None:
+        """The referrers API answer (an image index) or None if not supported."""
+        digest = validate_digest(digest, what="subject digest")
+        path = f"{repository}/referrers/{digest}"
+        params = f"?artifactType={requests.utils.quote(artifact_type, safe='')}" if artifact_type else ""
+        try:
+            resp = self.request("GET", path + params, stream=True,
+                                headers={"Accept": "application/vnd.oci.image.index.v1+json"},
+                                what=f"referrers of {repository}@{digest}")
+        except NotFound:
+            return None
+        with resp:
+            body = _read_capped(resp, MAX_MANIFEST_BYTES, f"referrers of {digest}")
+        ctype = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        if ctype != "application/vnd.oci.image.index.v1+json":
+            # Registries without the API may answer 200 with something else.
+            return None
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            raise RegistryError(f"referrers of {repository}@{digest}: answer is not JSON: {exc}") from exc
+        return data if isinstance(data, dict) else None
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _read_capped(resp: requests.Response, cap: int, what: str) -> bytes:
+    length = resp.headers.get("Content-Length")
+    if length and length.isdigit() and int(length) > cap:
+        raise RegistryError(f"{what}: {length} bytes is more than the {cap} allowed")
+    chunks: list[bytes] = []
+    total = 0
+    for chunk in resp.iter_content(65536):
+        total += len(chunk)
+        if total > cap:
+            raise RegistryError(f"{what}: more than the {cap} bytes allowed")
+        chunks.append(chunk)
+    return b"".join(chunks)
