@@ -33,12 +33,15 @@ KERNEL_PKG=${KERNEL_PKG:-}
 ZSTD_LEVEL=${ZSTD_LEVEL:-19}
 
 die() { echo "rootfs-build: $*" >&2; exit 1; }
-for tool in "$PY" busybox zstd strip ldd chroot apt-get dpkg; do
+for tool in "$PY" busybox zstd strip ldd chroot apt-get dpkg flock; do
   command -v "$tool" >/dev/null || [ -x "$tool" ] || die "missing $tool"
 done
 [ -d "$SITE" ] || die "no site-packages at $SITE (make the venv first, or set VENV_SITE)"
 [ "$(id -u)" = 0 ] || die "run as root (the staged tree is compiled and checked in a chroot)"
 mkdir -p "$CACHE"
+# One build at a time per output dir (two test sessions may ask at once).
+exec 9>"$CACHE/lock"
+flock 9
 
 # ---- kernel -------------------------------------------------------------------------------
 if [ -z "$KERNEL_PKG" ]; then

@@ -21,6 +21,11 @@ socket behind the guest's virtio-serial port, which any ttRPC client can dial. C
 
 The state dir holds ``state.json`` (pid, addresses, accel), ``agent.sock``, ``qmp.sock`` and
 ``console.log`` (the guest's serial console: kernel messages and the agent's JSON logs).
+
+QEMU's chardev socket serves one client at a time (a second one waits until the first
+disconnects). ``--mux`` starts agentctl.vmrelay, which holds that one connection and
+multiplexes any number of ttRPC clients on ``mux.sock`` (stream ids remapped); the printed
+``server-addr`` is then the relay's.
 ``down`` asks the agent to DestroySandbox (init stops the containers and powers off), waits for
 QEMU to exit, and falls back to QMP ``quit`` and then signals.
 """
@@ -76,9 +81,11 @@ class VMState:
     qmp: str
     console: str
     started_at: float
-    boot_seconds: float | None = None
+    boot_seconds: float | None = None     # QEMU start -> Check answered
+    channel_seconds: float | None = None  # QEMU start -> the guest opened the agent port
     attempts: int = 1
     argv: list[str] = field(default_factory=list)
+    relay_pid: int | None = None          # agentctl.vmrelay, with --mux
 
 
 # ---- pure parts: paths, command line, QEMU argv ------------------------------------------------
@@ -303,6 +310,7 @@ def _boot_once(spec: VMSpec, state_dir: Path, accel: str, channel: str,
         if proc.poll() is not None:
             break
         if port_open(state_dir / "qmp.sock"):
+            st.channel_seconds = round(time.monotonic() - t0, 3)
             break
         time.sleep(0.05)
     while time.monotonic() < deadline and proc.poll() is None:
@@ -320,8 +328,38 @@ def _boot_once(spec: VMSpec, state_dir: Path, accel: str, channel: str,
                   f"{state_dir / 'console.log'} and {state_dir / 'qemu.log'}")
 
 
-def up(spec: VMSpec, state_dir: Path, retries: int = 1) -> VMState:
-    """Boot the guest and return once its agent answers Check (one retry by default)."""
+def start_relay(st: VMState, state_dir: Path, timeout: float = 15.0) -> None:
+    """Put agentctl.vmrelay in front of the chardev socket; st.server_addr becomes its socket."""
+    listen = state_dir / "mux.sock"
+    listen.unlink(missing_ok=True)
+    log = open(state_dir / "relay.log", "ab")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    p = subprocess.Popen([sys.executable, "-m", "agentctl.vmrelay", "--upstream",
+                          st.server_addr[len("unix://"):], "--listen", str(listen)],
+                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                         start_new_session=True, close_fds=True)
+    log.close()
+    st.relay_pid = p.pid
+    addr = f"unix://{listen}"
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and p.poll() is None:
+        if listen.exists() and check(addr, timeout=5.0):
+            st.server_addr = addr
+            _save_state(state_dir, st)
+            return
+        time.sleep(0.05)
+    if p.poll() is None:
+        p.kill()
+    p.wait()
+    raise VMError(f"the ttRPC relay did not come up; see {state_dir / 'relay.log'}")
+
+
+def up(spec: VMSpec, state_dir: Path, retries: int = 1, mux: bool = False) -> VMState:
+    """Boot the guest and return once its agent answers Check (one retry by default).
+
+    mux: serve clients through agentctl.vmrelay (any number at once) instead of handing out
+    QEMU's chardev socket (one client at a time)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     old = load_state(state_dir)
     if old is not None and pid_alive(old.pid, state_dir):
@@ -341,7 +379,15 @@ def up(spec: VMSpec, state_dir: Path, retries: int = 1) -> VMState:
     errors = []
     for attempt in range(1, retries + 2):
         try:
-            return _boot_once(spec, state_dir, accel, channel, attempt)
+            st = _boot_once(spec, state_dir, accel, channel, attempt)
+            if mux and channel == "virtio-serial":
+                try:
+                    start_relay(st, state_dir)
+                except VMError:
+                    os.kill(st.pid, signal.SIGKILL)
+                    wait_exit(st.pid, 5.0)
+                    raise
+            return st
         except VMError as e:
             errors.append(str(e))
             if accel == "kvm" and spec.accel == "auto":
@@ -390,7 +436,15 @@ def down(state_dir: Path, timeout: float = 30.0) -> str:
             pass
         wait_exit(st.pid, 5.0, state_dir)
         how = "killed"
-    for name in (STATE_FILE, "agent.sock", "qmp.sock"):
+    if st.relay_pid is not None:
+        # it exits by itself when QEMU closes the channel; make sure
+        if not wait_exit(st.relay_pid, 2.0):
+            try:
+                os.kill(st.relay_pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            wait_exit(st.relay_pid, 5.0)
+    for name in (STATE_FILE, "agent.sock", "qmp.sock", "mux.sock"):
         (state_dir / name).unlink(missing_ok=True)
     return how
 
@@ -412,8 +466,31 @@ def add_parser(sub) -> None:
             p.add_argument("--append", default="", help="extra kernel command line words")
             p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
             p.add_argument("--boot-timeout", type=float, default=90.0)
+            p.add_argument("--no-network", action="store_true",
+                           help="leave the guest NIC unconfigured (default: 10.0.2.15/24 via 10.0.2.2)")
+            p.add_argument("--mux", action="store_true",
+                           help="serve many clients at once through a ttRPC relay "
+                                "(server-addr is then the relay's socket)")
         if name == "down":
             p.add_argument("--timeout", type=float, default=30.0, dest="down_timeout")
+
+
+def configure_user_network(server_addr: str, timeout: float = 30.0) -> str:
+    """Give the guest's NIC the address QEMU's user-mode network expects (10.0.2.15/24, default
+    route via 10.0.2.2), through the agent's network RPCs as a runtime does. Returns the NIC."""
+    from . import rpc
+
+    ifaces = rpc.call_named(server_addr, "grpc.AgentService/ListInterfaces", {}, timeout=timeout)
+    nics = [i for i in ifaces.Interfaces if i.name != "lo"]
+    if not nics:
+        raise VMError("the guest has no network interface to configure")
+    nic = nics[0]
+    rpc.call_named(server_addr, "grpc.AgentService/UpdateInterface", {"interface": {
+        "name": nic.name, "hwAddr": nic.hwAddr, "mtu": 1500,
+        "IPAddresses": [{"family": "v4", "address": "10.0.2.15", "mask": "24"}]}}, timeout=timeout)
+    rpc.call_named(server_addr, "grpc.AgentService/UpdateRoutes", {"routes": {"Routes": [
+        {"dest": "", "gateway": "10.0.2.2", "device": nic.name}]}}, timeout=timeout)
+    return nic.name
 
 
 def main(args: argparse.Namespace) -> int:
@@ -426,7 +503,13 @@ def main(args: argparse.Namespace) -> int:
                 cmdline += " " + args.append
             spec = VMSpec(kernel=k, initrd=i, cmdline=cmdline, memory_mib=args.memory,
                           cpus=args.cpus, accel=args.accel, boot_timeout=args.boot_timeout)
-            st = up(spec, state_dir)
+            st = up(spec, state_dir, mux=args.mux)
+            if not args.no_network:
+                try:
+                    configure_user_network(st.server_addr)
+                except Exception as e:  # noqa: BLE001 - the VM is up; say what failed and stop it
+                    down(state_dir)
+                    raise VMError(f"configuring the guest network failed: {e}") from None
             print(f"server-addr: {st.server_addr}")
             print(f"pid: {st.pid}\naccel: {st.accel}\nchannel: {st.channel}\n"
                   f"console: {st.console}\nboot-seconds: {st.boot_seconds}")

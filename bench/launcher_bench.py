@@ -15,6 +15,10 @@ Our launcher is measured twice:
     the guard accepts it and there is no second interpreter start. Run in the same kind of
     private mount namespace wrapper as crun (wrapper cost subtracted in its "net" line).
 
+And once more the way the guest's init uses it: a warm Python process (modules imported,
+interpreter on a read-only mount) that forks and calls ``Launcher.run`` in the child, timed
+inside that process ("library, forked from a warm process").
+
 usage: bench/launcher_bench.py [--runs N] [--console-script]
 """
 from __future__ import annotations
@@ -57,6 +61,52 @@ def make_bundle(d: str) -> str:
     with open(os.path.join(bundle, "config.json"), "w") as f:
         json.dump(cfg, f)
     return bundle
+
+
+WARM = r"""
+import os, sys, time
+sys.path.insert(0, REPO)
+from agent.launcher.container import Launcher, wait_exit
+import agent.launcher.cgroups, agent.launcher.init  # what a long-lived parent has loaded
+for line in sys.stdin:
+    name = line.strip()
+    t = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = Launcher(ROOT).run(name, BUNDLE)
+        finally:
+            os._exit(code)
+    rc = wait_exit(pid)
+    print(f"{rc} {time.perf_counter() - t}", flush=True)
+"""
+
+
+class Warm:
+    """A long-lived Python process (interpreter on a read-only mount, modules loaded) that
+    forks and calls Launcher.run once per request: how the guest's init would use it."""
+
+    def __init__(self, bundle: str, root: str, interp: str) -> None:
+        code = (WARM.replace("REPO", repr(REPO)).replace("ROOT", repr(root))
+                .replace("BUNDLE", repr(bundle)))
+        ro = (f"mount --bind {interp} {interp} && mount -o remount,bind,ro {interp} {interp}"
+              " && ")
+        self.p = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                                   ro + 'exec "$0" -I -S -c "$1"', PY, code], cwd=bundle,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self, name: str) -> float:
+        self.p.stdin.write(name + "\n")
+        self.p.stdin.flush()
+        rc, dt = self.p.stdout.readline().split()
+        if rc != "0":
+            raise SystemExit(f"warm run {name} exited {rc}")
+        return float(dt)
+
+    def close(self) -> None:
+        self.p.stdin.close()
+        self.p.wait(30)
 
 
 def timed(cmd: list[str], cwd: str) -> float:
@@ -104,18 +154,26 @@ def main() -> None:
             cs = os.path.join(REPO, ".venv", "bin", "oci-launcher")
             cases["oci-launcher console script"] = lambda i: [cs, "--root", roots["cs"], "run",
                                                               f"s{i}"]
+        warm_name = "library, forked from a warm process"
+        warm = Warm(bundle, os.path.join(d, "warm"), interp)
         times: dict[str, list[float]] = {k: [] for k in cases}
-        for k, f in cases.items():  # warm-up: page cache, pyc files
-            timed(f(-1), bundle)
-        for i in range(args.runs):
-            for k, f in cases.items():
-                times[k].append(timed(f(i), bundle))
+        times[warm_name] = []
+        try:
+            for k, f in cases.items():  # warm-up: page cache, pyc files
+                timed(f(-1), bundle)
+            warm.run("w-1")
+            for i in range(args.runs):
+                for k, f in cases.items():
+                    times[k].append(timed(f(i), bundle))
+                times[warm_name].append(warm.run(f"w{i}"))
+        finally:
+            warm.close()
         med = {k: statistics.median(v) * 1000 for k, v in times.items()}
         crun_net = med["crun"] - med["wrapper only (unshare+sh+umount)"]
         ours_ro_net = med["oci-launcher, ro exe"] - med["wrapper only (unshare+sh+ro bind)"]
         print(f"run of /bin/true in a busybox bundle, median of {args.runs} runs "
               f"(interleaved), ms")
-        for k in cases:
+        for k in times:
             lo, hi = min(times[k]) * 1000, max(times[k]) * 1000
             print(f"  {k:40s} {med[k]:7.1f}   (min {lo:.1f}, max {hi:.1f})")
         print(f"  {'crun (net of wrapper)':40s} {crun_net:7.1f}")
@@ -125,6 +183,9 @@ def main() -> None:
         print(f"  oci-launcher / crun (net)            {med['oci-launcher'] / crun_net:.2f}")
         print(f"  oci-launcher ro exe (net) / runc     {ours_ro_net / med['runc']:.2f}")
         print(f"  oci-launcher ro exe (net) / crun(net) {ours_ro_net / crun_net:.2f}")
+        lib = med["library, forked from a warm process"]
+        print(f"  library (warm fork) / runc           {lib / med['runc']:.2f}")
+        print(f"  library (warm fork) / crun (net)     {lib / crun_net:.2f}")
 
 
 if __name__ == "__main__":

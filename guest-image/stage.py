@@ -12,6 +12,8 @@ Layout (Debian's merged /usr: /bin, /sbin, /lib, /lib64 are symlinks into /usr):
     /usr/lib/modules/NAME.ko      the kernel modules, flat so agent.modules= stays short
     /usr/bin/busybox, /bin/sh     busybox-static: the debug console's shell
     /opt/busybox-rootfs/          a container root file system: busybox and its applet links
+    /opt/puller-rootfs/           the puller helper container's root: python3.11, libraries,
+                                  stdlib, puller/ and its dependencies, no agent/ (hard links)
     /sbin/ldconfig, /etc/ld.so.cache   ctypes.util.find_library (pyseccomp) asks ldconfig -p
     /etc/passwd, /etc/group       root and nobody (the daemon's uid)
 
@@ -42,7 +44,7 @@ LIBDIR = "usr/lib/x86_64-linux-gnu"
 DLOPENED = ["libseccomp.so.2"]
 BUSYBOX = "/bin/busybox"
 DROP_DIRS = {"__pycache__", "tests", "test", "_tests", "testing", "idle_test"}
-DROP_FILES = ("*.pyi", "py.typed", "*.c", "*.h", "*.pxd", "*.pyx")
+DROP_FILES = ("*.pyi", "py.typed", "*.c", "*.h", "*.pxd", "*.pyx", "*.pxi")
 
 
 class StageError(Exception):
@@ -231,6 +233,39 @@ def stage_busybox(out: str) -> None:
         shutil.copy2(os.path.join(out, "etc", name), os.path.join(root, "etc", name))
 
 
+PULLER_ROOTFS = "opt/puller-rootfs"
+
+
+def stage_puller_rootfs(out: str) -> None:
+    """The puller helper container's root file system: the interpreter, its libraries and the
+    Python tree without the agent, as hard links into the guest's own copies (one copy of
+    the data in the archive, a few kB of headers). The agent launches the puller in it like
+    any container; it holds no agent code and no privileged helper."""
+    root = os.path.join(out, PULLER_ROOTFS)
+    for d in ("dev", "proc", "sys", "tmp", "run", "etc", "root", "store"):
+        os.makedirs(os.path.join(root, d), exist_ok=True)
+    for link, target in (("bin", "usr/bin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")):
+        os.symlink(target, os.path.join(root, link))
+    lib = STDLIB.lstrip("/")
+    for top in ("usr/bin", "usr/lib64", LIBDIR, lib):
+        src_top = os.path.join(out, top)
+        for dirpath, dirnames, filenames in os.walk(src_top):
+            rel = os.path.relpath(dirpath, out)
+            if rel == os.path.join(lib, "agent") or rel.startswith(os.path.join(lib, "agent") + "/"):
+                dirnames[:] = []
+                continue
+            os.makedirs(os.path.join(root, rel), exist_ok=True)
+            for fn in filenames:
+                src = os.path.join(dirpath, fn)
+                dst = os.path.join(root, rel, fn)
+                if os.path.islink(src):
+                    os.symlink(os.readlink(src), dst)
+                else:
+                    os.link(src, dst)
+    for name in ("passwd", "group", "hostname", "ld.so.conf", "ld.so.cache"):
+        os.link(os.path.join(out, "etc", name), os.path.join(root, "etc", name))
+
+
 def stage_modules(out: str, order_file: str) -> list[str]:
     moddir = os.path.join(out, "usr/lib/modules")
     os.makedirs(moddir, exist_ok=True)
@@ -322,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run(["/sbin/ldconfig", "-r", out], check=True)
     compile_tree(out)
     self_check(out)
+    stage_puller_rootfs(out)
     with open(os.path.join(out, "etc/agent-modules"), "w") as f:
         f.write(",".join(mods) + "\n")
     return 0

@@ -48,9 +48,13 @@ def cmd_pull(args: argparse.Namespace) -> int:
     progress = JsonLines() if args.json or not sys.stderr.isatty() else Bars()
     options = PullOptions(platform=Platform.parse(args.platform) if args.platform else None,
                           registry=_registry_options(args), parallel=args.parallel, progress=progress)
-    image = pull(args.ref, _open_store(args.store), options)
-    if not isinstance(progress, JsonLines):
-        print(json.dumps(image.record(), indent=2))
+    if args.lazy:
+        from .lazy.cli import pull_lazy_or_full
+        record = pull_lazy_or_full(args.ref, _open_store(args.store), options)
+    else:
+        record = pull(args.ref, _open_store(args.store), options).record()
+    if not isinstance(progress, JsonLines) or args.lazy:
+        print(json.dumps(record, indent=2))
     return 0
 
 
@@ -64,6 +68,12 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     from .snapshot import make_snapshot
     store = _open_store(args.store)
     record = _image_record(store, args.ref)
+    from .lazy.cli import is_lazy, lazy_snapshot
+    if is_lazy(store, record):
+        lazy = lazy_snapshot(store, record, args.dest, args.container_id, whole=args.whole,
+                             prefetch=args.prefetch, record_to=args.record_access)
+        print(json.dumps({**lazy.record(), "image": record["manifest_digest"]}, sort_keys=True))
+        return 0
     snap = make_snapshot(store, record["chain_ids"], args.dest, mode="copy" if args.copy else "auto",
                          snapshot_id=args.container_id)
     print(json.dumps({**snap.record(), "image": record["manifest_digest"]}, sort_keys=True))
@@ -72,6 +82,9 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 def cmd_snapshot_rm(args: argparse.Namespace) -> int:
     from .snapshot import load_snapshot
+    from .lazy.cli import remove_lazy_snapshot
+    if remove_lazy_snapshot(_open_store(args.store), args.id):
+        return 0
     snap = load_snapshot(_open_store(args.store), args.id)
     if snap is None:
         raise PullError(f"no snapshot {args.id!r} in the store")
@@ -110,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--platform", help="os/arch[/variant]; default: this machine")
     p.add_argument("--parallel", type=int, default=3, help="layers downloaded at once")
     p.add_argument("--json", action="store_true", help="JSON lines progress even on a terminal")
+    p.add_argument("--lazy", action="store_true", help="fetch only the lazy-pull metadata (full pull if none)")
     _add_registry_args(p)
     p.set_defaults(func=cmd_pull)
 
@@ -119,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", required=True)
     p.add_argument("--container-id", help="name of the container the snapshot is for")
     p.add_argument("--copy", action="store_true", help="a plain copy instead of an overlay mount")
+    p.add_argument("--whole", action="store_true", help="lazy image: fetch all chunks in the background")
+    p.add_argument("--prefetch", metavar="FILE", help="lazy image: paths (one a line) to fetch first")
+    p.add_argument("--record-access", metavar="FILE", help="lazy image: write the paths of files opened")
     p.set_defaults(func=cmd_snapshot)
 
     p = sub.add_parser("snapshot-rm", help="unmount/delete a snapshot made by `snapshot`")
@@ -138,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gc", help="remove content no image references")
     p.add_argument("--store", required=True)
     p.set_defaults(func=cmd_gc)
+
+    from .lazy.cli import add_index_parser
+    add_index_parser(sub, _add_registry_args)
 
     p = sub.add_parser("referrers", help="list manifests that refer to REF")
     p.add_argument("ref")

@@ -92,6 +92,11 @@ def cmd_pull(a: argparse.Namespace) -> dict:
         registry=RegistryOptions(plain_http=frozenset(a.plain_http or ()),
                                  credentials=Credentials.parse(creds) if creds else None,
                                  auth_file=a.auth_file, timeout=a.timeout))
+    if a.lazy:
+        from .lazy.cli import pull_lazy_or_full
+        rec = pull_lazy_or_full(a.ref, Store(a.store), opts)
+        return {"manifest_digest": rec["manifest_digest"], "chain_ids": rec["chain_ids"],
+                "config_digest": rec["config_digest"], "reference": rec["reference"], "lazy": "lazy" in rec}
     img = pull(a.ref, Store(a.store), opts)
     return {"manifest_digest": img.manifest_digest, "chain_ids": img.chain_ids, "config_digest": img.config_digest,
             "reference": img.reference}
@@ -106,6 +111,11 @@ def cmd_snapshot(a: argparse.Namespace) -> dict:
     record = store.get_image(a.ref)
     if record is None:
         raise SystemExit(f"error: image {a.ref!r} is not in the store")
+    from .lazy.cli import is_lazy, lazy_snapshot, runtime_config_lazy
+    if is_lazy(store, record):
+        lazy = lazy_snapshot(store, record, a.dest, a.id, whole=a.lazy_whole)
+        return {"rootfs": os.fspath(lazy.dest), "manifest_digest": record["manifest_digest"], "lazy": True,
+                "config": runtime_config_lazy(store, record, os.fspath(lazy.dest))}
     snap = make_snapshot(store, record["chain_ids"], a.dest, snapshot_id=a.id)
     return {"rootfs": os.fspath(snap.dest),
             "manifest_digest": record["manifest_digest"],
@@ -116,6 +126,9 @@ def cmd_unsnapshot(a: argparse.Namespace) -> dict:
     from .snapshot import load_snapshot
     from .store import Store
 
+    from .lazy.cli import remove_lazy_snapshot
+    if remove_lazy_snapshot(Store(a.store), a.id):
+        return {"removed": True}
     snap = load_snapshot(Store(a.store), a.id)
     if snap is not None:
         snap.remove()
@@ -132,11 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--plain-http", action="append")
     q.add_argument("--auth-file")
     q.add_argument("--timeout", type=float, default=20.0, help="bound of each registry request, retries included")
+    q.add_argument("--lazy", action="store_true", help="fetch only lazy-pull metadata (full pull if there is none)")
     q = sub.add_parser("snapshot")
     q.add_argument("ref")
     q.add_argument("--store", required=True)
     q.add_argument("--dest", required=True)
     q.add_argument("--id", required=True)
+    q.add_argument("--lazy", action="store_true", help="accepted for symmetry: a lazily pulled image is "
+                   "always mounted lazily until it is pulled in full")
+    q.add_argument("--lazy-whole", action="store_true", help="lazy image: fetch every chunk in the background")
     q = sub.add_parser("unsnapshot")
     q.add_argument("id")
     q.add_argument("--store", required=True)

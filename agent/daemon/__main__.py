@@ -14,11 +14,25 @@ import logging
 import os
 import socket
 import stat
+import time
 import sys
 
 ENV_PRIVSEP_FD = "SANDBOX_AGENT_PRIVSEP_FD"
 ENV_LISTEN_FD = "SANDBOX_AGENT_LISTEN_FD"
 ENV_CONFIG = "SANDBOX_AGENT_CONFIG"
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line, the shape init's own log lines have."""
+
+    def format(self, record: logging.LogRecord) -> str:
+
+        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs * 1000):06d}Z",
+               "level": record.levelname.lower(), "source": "daemon", "msg": record.getMessage(),
+               "fields": {"logger": record.name}}
+        if record.exc_info:
+            out["fields"]["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
 
 
 def _config() -> dict:
@@ -34,8 +48,9 @@ def main() -> int:
     cfg = _config()
     level = str(cfg.get("log_level", "info")).upper()
     level = {"TRACE": "DEBUG", "WARN": "WARNING", "FATAL": "CRITICAL"}.get(level, level)
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format='{"source":"daemon","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}')
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter())
+    logging.basicConfig(level=level, handlers=[handler])
     log = logging.getLogger("agent.daemon")
     try:
         privsep_fd = int(os.environ[ENV_PRIVSEP_FD])

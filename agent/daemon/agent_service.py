@@ -294,14 +294,16 @@ class AgentService:
                 raise _bad(f"dns[{i}] {d[:60]!r} is not a resolv.conf line")
         mounts = await self._mount_storages(req.storages, "sandbox")
         self.sb.sandbox_id, self.sb.hostname, self.sb.dns = req.sandbox_id, req.hostname, list(req.dns)
-        sbdir = os.path.join(self.run_dir, "sandbox")
-        os.makedirs(sbdir, exist_ok=True)
-        if req.dns:
-            with open(os.path.join(sbdir, "resolv.conf"), "w") as f:
-                f.write("".join(line + "\n" for line in req.dns))
-        if req.hostname:
-            with open(os.path.join(sbdir, "hostname"), "w") as f:
-                f.write(req.hostname + "\n")
+        try:
+            if req.hostname:
+                await self.init.call("set_hostname", {"hostname": req.hostname})
+            if req.dns:
+                res = (await self.init.call("write_resolv", {"lines": list(req.dns)})).result
+                self.sb.resolv_conf = res.get("path", "")
+        except (InitError, InitGone) as exc:
+            for target in reversed(mounts):
+                await self._umount(target)
+            raise _init_error(exc, "create sandbox") from None
         self.sb.created = True
         self._sandbox_mounts = mounts
         return EMPTY()
@@ -550,16 +552,15 @@ class AgentService:
             check_id("container_id", req.container_id)
             if req.container_id in self._snapshots:
                 raise TTRPCError(Code.ALREADY_EXISTS, f"container {req.container_id!r} already has a rootfs")
-        if req.lazy:
-            log.info("pull %s: lazy pull is not available; pulling in full", req.image)
         try:
             pulled = (await self.init.call("pull", {"image": req.image, "platform": req.platform,
                                                     "insecure": list(req.insecure_registries),
-                                                    "creds": req.source_creds})).result
+                                                    "creds": req.source_creds, "lazy": req.lazy})).result
         except (InitError, InitGone) as exc:
             raise _init_error(exc, f"pull {req.image!r}") from None
         resp = agent_pb2.PullImageResponse(image_ref=pulled.get("reference", req.image),
-                                           manifest_digest=pulled.get("manifest_digest", ""), lazy=False)
+                                           manifest_digest=pulled.get("manifest_digest", ""),
+                                           lazy=bool(pulled.get("lazy")))
         if req.container_id:
             try:
                 snap = (await self.init.call("snapshot", {"image": req.image,
@@ -568,6 +569,7 @@ class AgentService:
                 raise _init_error(exc, f"rootfs of {req.image!r} for {req.container_id!r}") from None
             self._snapshots[req.container_id] = snap["rootfs"]
             resp.rootfs = snap["rootfs"]
+            resp.lazy = bool(snap.get("lazy", resp.lazy))
             resp.runtime_config_json = json.dumps(snap.get("config", {}))
         return resp
 

@@ -69,6 +69,7 @@ class Sandbox:
     sandbox_id: str = ""
     hostname: str = ""
     dns: list[str] = field(default_factory=list)
+    resolv_conf: str = ""
     created: bool = False
     containers: dict[str, Container] = field(default_factory=dict)
     by_pid: dict[int, Process] = field(default_factory=dict)

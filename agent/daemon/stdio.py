@@ -31,12 +31,15 @@ class Stream:
         os.set_blocking(fd, False)
         self.fd: int | None = fd
         self.tty = tty
-        self._lock = trio.Lock()
+        # one reader and one writer at a time, independently: a long-polling ReadStdout on a
+        # pty master must not hold up WriteStdin to the same fd
+        self._rlock = trio.Lock()
+        self._wlock = trio.Lock()
 
     async def read(self, n: int) -> bytes:
         """Up to n bytes; b"" at end of stream (writer side closed and drained)."""
         n = max(1, min(n, MAX_READ))
-        async with self._lock:
+        async with self._rlock:
             while True:
                 if self.fd is None:
                     return b""
@@ -67,7 +70,7 @@ class Stream:
                 return b"".join(parts)
 
     async def write(self, data: bytes) -> int:
-        async with self._lock:
+        async with self._wlock:
             view = memoryview(data)
             while view:
                 if self.fd is None:

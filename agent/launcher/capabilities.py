@@ -89,3 +89,14 @@ def apply_final(sets: CapSets, sc: syscalls.Linux) -> None:
                 # clear it at exec anyway.
                 if e.errno != 1:
                     raise
+
+
+def check_obtainable(sets: CapSets, sc: syscalls.Linux) -> None:
+    """Fail early (at create, not at start) when the spec asks for capabilities this process
+    does not hold, e.g. CAP_SYS_RESOURCE on a host that dropped it from every bounding set."""
+    _eff, perm, _inh = sc.capget()
+    missing = (sets.permitted | sets.effective | sets.ambient) & ~perm
+    if missing:
+        names = [NAMES[i] if i < len(NAMES) else str(i) for i in range(64) if missing >> i & 1]
+        raise PermissionError(1, f"process.capabilities: {', '.join(names)} not available to "
+                                 "the launcher (not in its permitted/bounding set)")

@@ -18,7 +18,8 @@ to the container's cgroup2 directory, replacing the one a previous ``apply`` att
 last matching rule decides, as with v1, and a device no rule matches is denied.
 
 All file access goes through :class:`CgroupFS`, so the logic can run against a plain
-directory tree in tests (``CgroupFS(create_files=True)``).
+directory tree in tests (``CgroupFS(create_files=True)``); the bpf(2) calls of the cgroup2
+device filter are the only direct system calls.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "CgroupError",
     "CgroupFS",
     "Layout",
+    "Mount",
     "Cgroup",
     "DEFAULT_PARENT",
     "DEFAULT_ALLOWED_DEVICES",
@@ -44,6 +46,7 @@ __all__ = [
     "swap_v1_to_v2",
     "v1_writes",
     "v2_writes",
+    "device_program",
 ]
 
 DEFAULT_PARENT = "/sandbox-agent"

@@ -27,7 +27,7 @@ commands:
   run [--bundle DIR] [--pid-file F] [--console-socket S] [--no-pivot] [--detach] [--keep] ID
   exec [--process F | [--tty] [--cwd D] [--env K=V] [--user U[:G]] [--cap C] [--no-new-privs]
         -- ARGS] [--detach] [--pid-file F] [--console-socket S] ID [ARGS]
-  list | ps ID
+  list | ps ID | events --stats ID
 """
 
 
@@ -254,6 +254,14 @@ def _dispatch(L, cmd: str, rest: list[str]) -> int:
             sys.stdout.write("ID\tPID\tSTATUS\tBUNDLE\tCREATED\n" + "".join(
                 f"{s['id']}\t{s['pid']}\t{s['status']}\t{s['bundle']}\t{s['created']}\n"
                 for s in states))
+        return 0
+    if cmd == "events":
+        a = parse(rest, {"--interval": "interval"}, {"--stats": "stats"})
+        cid = _one_id(a, cmd)
+        if not a.opts.get("stats"):
+            raise UsageError("events: only --stats (one snapshot) is supported")
+        sys.stdout.write(jsonlite.dumps({"type": "stats", "id": cid,
+                                         "data": L.stats(cid)}) + "\n")
         return 0
     if cmd == "ps":
         a = parse(rest, {"--format": "format", "-f": "format"}, {})

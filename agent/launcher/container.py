@@ -18,74 +18,17 @@ its text, so ``create`` fails with the real cause (which mount, which field, whi
 from __future__ import annotations
 
 import os
-import select
 import time
 
-from . import capabilities, console, hooks, process, rootfs, state, sync
+from . import console, hooks, process, state, sync
 from . import syscalls as S
-from .spec import Hook, Process, Spec, SpecError, load_spec, parse_hooks, parse_process
+from .init import NS_PROC, _c_main, _die_with, _Init, _load_seccomp, _needs_state
+from .spec import Hook, Spec, SpecError, load_spec, parse_hooks, parse_process
 
-NS_FLAGS = {"user": S.CLONE_NEWUSER, "mount": S.CLONE_NEWNS, "pid": S.CLONE_NEWPID,
-            "network": S.CLONE_NEWNET, "ipc": S.CLONE_NEWIPC, "uts": S.CLONE_NEWUTS,
-            "cgroup": S.CLONE_NEWCGROUP, "time": S.CLONE_NEWTIME}
-NS_PROC = {"user": "user", "mount": "mnt", "pid": "pid", "network": "net", "ipc": "ipc",
-           "uts": "uts", "cgroup": "cgroup", "time": "time"}
-# Joining order: user first (the rest are owned by it), mount last (it changes what paths
-# mean, so the other namespace files must already be open - they are, as fds).
-_JOIN_ORDER = ("user", "ipc", "uts", "network", "pid", "cgroup", "time", "mount")
 
 
 class LauncherError(RuntimeError):
     """An operation failed; the message says which container and why."""
-
-
-def _die_with(sock, exc: BaseException, prefix: str) -> None:
-    msg = f"{prefix}: {exc}" if prefix else str(exc)
-    try:
-        sync.send(sock, {"error": msg})
-    except OSError:
-        os.write(2, (msg + "\n").encode())
-    os._exit(1)
-
-
-def _reset_signals() -> None:
-    # Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive execve, so a container
-    # process would inherit them. SIGINT gets Python's handler, reset to default by exec anyway.
-    import _signal
-    for sig in (_signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGINT, _signal.SIGTERM):
-        _signal.signal(sig, _signal.SIG_DFL)
-    _signal.pthread_sigmask(_signal.SIG_SETMASK, [])
-
-
-# --- the namespace stage (process C) ---------------------------------------------------------
-
-def _enter_namespaces(sc: S.Linux, sock, plan: list[tuple[str, str | None]],
-                      want_maps: bool) -> None:
-    """Join (path) or create (None) each namespace in ``plan``; user namespace first."""
-    joins = {t: os.open(p, os.O_RDONLY | os.O_CLOEXEC) for t, p in plan if p}
-    new = {t for t, p in plan if not p}
-    if "user" in joins:
-        sc.setns(joins.pop("user"), S.CLONE_NEWUSER)
-    elif "user" in new:
-        sc.unshare(S.CLONE_NEWUSER)
-    if want_maps:
-        sync.send(sock, {"userns": 1})
-        sync.recv(sock, "waiting for id maps")
-    if "user" in new or "user" in dict(plan) and dict(plan)["user"]:
-        # Become the namespace's root (if mapped) so the setup below is privileged there.
-        try:
-            os.setresgid(0, 0, 0)
-            os.setresuid(0, 0, 0)
-        except OSError:
-            pass
-    for t in _JOIN_ORDER:
-        if t in joins:
-            sc.setns(joins.pop(t), NS_FLAGS[t])
-    flags = 0
-    for t in new - {"user"}:
-        flags |= NS_FLAGS[t]
-    if flags:
-        sc.unshare(flags)
 
 
 def _write_id_maps(pid: int, spec: Spec) -> None:
@@ -103,251 +46,7 @@ def _write_id_maps(pid: int, spec: Spec) -> None:
                             f"(linux.uidMappings/gidMappings): {e}") from None
 
 
-# --- the container-side stage (process G) ----------------------------------------------------
-
-class _Init:
-    """Everything G needs; built by the launcher before forking."""
-
-    def __init__(self, spec: Spec | None, proc: Process, rootfs_path: str | None,
-                 no_pivot: bool, fifo_fd: int | None, console: bool,
-                 seccomp: dict | None, userns: bool, cgroup_paths: dict[str, str],
-                 cgroupns: bool, start_hooks: list[Hook], create_hooks: list[Hook]) -> None:
-        self.spec, self.proc, self.rootfs_path, self.no_pivot = spec, proc, rootfs_path, no_pivot
-        self.fifo_fd, self.console, self.seccomp, self.userns = fifo_fd, console, seccomp, userns
-        self.cgroup_paths, self.cgroupns = cgroup_paths, cgroupns
-        self.start_hooks, self.create_hooks = start_hooks, create_hooks
-
-
-def _build_rootfs(sc: S.Linux, it: _Init, sock) -> None:
-    spec = it.spec
-    assert spec is not None and it.rootfs_path is not None
-    own_mountns = spec.linux.namespace("mount") is not None
-    if own_mountns:
-        rootfs.prepare_root(sc, it.rootfs_path, spec.linux.rootfs_propagation)
-    # else: the spec shares the caller's mount namespace. Like runc we then mount into it
-    # (the mounts are visible to the caller) and enter the root with chroot, since
-    # pivot_root would move the root of every process in that namespace.
-    rootfd = os.open(it.rootfs_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        ctx = rootfs.MountContext(it.rootfs_path, rootfd, it.userns, it.cgroup_paths,
-                                  it.cgroupns)
-        for m in spec.mounts:
-            rootfs.mount_one(sc, m, ctx)
-        rootfs.setup_dev(sc, spec, ctx)
-    finally:
-        os.close(rootfd)
-    state_json = ""
-    if any(spec.hooks[k] for k in ("prestart", "createRuntime")) or it.create_hooks:
-        sync.send(sock, {"hooks": 1})
-        msg, _ = sync.recv(sock, "runtime hooks")
-        state_json = msg["state"]
-        # createContainer hooks: in the container's namespaces, before pivot_root.
-        hooks.run_hooks("createContainer", it.create_hooks, state_json)
-    if own_mountns:
-        rootfs.pivot(sc, it.rootfs_path, it.no_pivot)
-        rootfs.after_pivot_propagation(sc, spec.linux.rootfs_propagation)
-    else:
-        os.chdir(it.rootfs_path)
-        sc.chroot(".")
-        os.chdir("/")
-    if spec.hostname is not None:
-        sc.sethostname(spec.hostname)
-    if spec.domainname is not None:
-        sc.setdomainname(spec.domainname)
-    rootfs.write_sysctls(spec.linux.sysctl)
-
-
-def _finish_rootfs(sc: S.Linux, spec: Spec) -> None:
-    rootfs.mask_paths(sc, spec.linux.masked_paths)
-    rootfs.readonly_paths(sc, spec.linux.readonly_paths)
-    if spec.root_readonly:
-        rootfs.readonly_root(sc)
-
-
-def _g_main(sc: S.Linux, it: _Init, sock, console_sock_wanted: bool) -> None:
-    """Runs in G. Never returns: execs the container program or exits."""
-    stage = "setting up the container"
-    try:
-        if it.start_hooks:
-            msg, _ = sync.recv(sock, "waiting for the state")
-            it.state_json = msg["state"]  # type: ignore[attr-defined]
-        os.umask(0)
-        sc.prctl(S.PR_SET_DUMPABLE, 0)
-        proc = it.proc
-        listener = None
-        if it.seccomp and it.seccomp.get("listenerPath"):
-            # The seccomp agent's socket is a host path: connect while we can still see it.
-            stage = "connecting to the seccomp listener"
-            import _socket
-            listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-            listener.connect(it.seccomp["listenerPath"])
-            it.keep_fds = {listener.fileno()}
-        if it.spec is not None:
-            stage = "building the root file system"
-            _build_rootfs(sc, it, sock)
-        if proc.terminal:
-            stage = "creating the terminal"
-            master, slave = console.open_pty(proc.console_size)
-            if it.spec is not None and os.path.exists("/dev/console"):
-                try:
-                    sc.mount(f"/proc/self/fd/{slave}", "/dev/console", None, S.MS_BIND, None)
-                except OSError:
-                    pass
-            sync.send(sock, {"pty": 1}, [master])
-            os.close(master)
-            console.make_controlling(slave)
-            if slave > 2:
-                os.close(slave)
-        if it.spec is not None:
-            stage = "masking paths"
-            _finish_rootfs(sc, it.spec)
-        stage = "process attributes"
-        process.set_rlimits(proc.rlimits)
-        try:
-            process.set_oom_score_adj(proc.oom_score_adj)
-        except OSError as e:
-            raise OSError(e.errno, f"process.oomScoreAdj {proc.oom_score_adj}: {e.strerror}")
-        caps = capabilities.CapSets(proc.capabilities)
-        capabilities.drop_bounding(caps, sc)
-        stage = "switching user"
-        process.switch_user(sc, proc)
-        keep = {it.fifo_fd} if it.fifo_fd is not None else set()
-        keep |= getattr(it, "keep_fds", set())
-        if sock is not None:
-            keep.add(sock.fileno())
-        process.close_fds_except(sc, keep)  # type: ignore[arg-type]
-        stage = "changing directory"
-        try:
-            os.chdir(proc.cwd)
-        except OSError as e:
-            raise OSError(e.errno, f"process.cwd {proc.cwd!r}: {e.strerror}") from None
-        process.check_cwd_inside()
-        env = process.env_dict(proc.env)
-        exe = process.find_executable(proc.args[0], env) if proc.args else ""
-        # Every fd we hold is close-on-exec; make sure of it for any we inherited (the launcher's
-        # caller's fds must not reach the container: CVE-2024-21626).
-        sc.close_range(3, 0xFFFFFFFF, S.CLOSE_RANGE_CLOEXEC)
-        seccomp_mod = it.seccomp_mod
-        if it.fifo_fd is not None:
-            sync.send(sock, {"ready": 1})
-            sock.close()
-            sock = None
-            stage = "waiting for start"
-            p = select.poll()
-            p.register(it.fifo_fd, select.POLLIN)
-            while True:
-                if p.poll(-1) and os.read(it.fifo_fd, 1):
-                    break
-            os.close(it.fifo_fd)
-            if it.start_hooks:
-                stage = "startContainer hooks"
-                hooks.run_hooks("startContainer", it.start_hooks, _state_for_hooks(it))
-        if not proc.args:
-            os._exit(1)  # no process in the config: start refuses, nothing to run
-        stage = "final privileges"
-        _reset_signals()
-        notify_fd = None
-        if proc.no_new_privileges:
-            sc.prctl(S.PR_SET_NO_NEW_PRIVS, 1)
-            capabilities.apply_final(caps, sc)
-            if seccomp_mod is not None:
-                notify_fd = seccomp_mod.install(it.seccomp)
-        else:
-            # Without no_new_privs the kernel only lets CAP_SYS_ADMIN load a filter: load it
-            # while we still hold that, then drop to the final sets.
-            if seccomp_mod is not None:
-                # setuid to non-root cleared the effective set (permitted was kept).
-                _eff, perm, inh = sc.capget()
-                sc.capset(perm, perm, inh)
-                notify_fd = seccomp_mod.install(it.seccomp)
-            capabilities.apply_final(caps, sc)
-        if notify_fd is not None:
-            _send_notify_fd(listener, notify_fd, it)
-        os.execve(exe, proc.args, env)
-    except BaseException as e:  # noqa: BLE001 - reported to the launcher, then exit
-        if sock is not None:
-            _die_with(sock, e, stage)
-        os.write(2, f"oci-launcher: {stage}: {e}\n".encode())
-        os._exit(127)
-
-
-def _send_notify_fd(listener, fd: int, it: _Init) -> None:
-    """The runtime-spec seccomp-notify protocol: the container state (with the fd list) as
-    JSON, the listener fd attached with SCM_RIGHTS."""
-    import struct
-    import _socket
-    if listener is None:
-        raise OSError(22, "SCMP_ACT_NOTIFY needs linux.seccomp.listenerPath")
-    from . import jsonlite
-    st = {"ociVersion": state.OCI_VERSION, "fds": ["seccompFd"], "pid": 0,
-          "metadata": it.seccomp.get("listenerMetadata", "") if it.seccomp else "",
-          "state": jsonlite.loads(getattr(it, "state_json", "") or "{}")}
-    listener.sendmsg([jsonlite.dumps(st).encode()],
-                     [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("i", fd))])
-    listener.close()
-    os.close(fd)
-
-
-def _state_for_hooks(it: _Init) -> str:
-    return getattr(it, "state_json", "") or ""
-
-
-def _c_main(sc: S.Linux, it: _Init, sock, plan, want_maps: bool, timens: dict | None) -> None:
-    try:
-        sync.recv(sock, "waiting for the cgroup")
-        _enter_namespaces(sc, sock, plan, want_maps)
-        if timens:
-            with open("/proc/self/timens_offsets", "w") as f:
-                for clock, off in timens.items():
-                    f.write(f"{clock} {off.get('secs', 0)} {off.get('nanosecs', 0)}\n")
-        # G must not talk on the shared socket before C has reported G's pid: the launcher
-        # reads that first. A pipe orders them.
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(w)
-            os.read(r, 1)
-            os.close(r)
-            _g_main(sc, it, sock, it.console)
-        sync.send(sock, {"pid": pid})
-        os.write(w, b"1")
-        os._exit(0)
-    except BaseException as e:  # noqa: BLE001
-        _die_with(sock, e, "entering namespaces")
-
-
-def _c_boot(sock_fd: int) -> None:
-    """Entry of C when it was started from the sealed interpreter copy (see _start_c)."""
-    import _pickle
-    import _socket
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET, 0, sock_fd)
-    try:
-        data = sock.recv(1 << 22)
-        it, plan, want_maps, timens = _pickle.loads(data)
-        os.set_inheritable(sock_fd, False)
-        if it.fifo_fd is not None:
-            os.set_inheritable(it.fifo_fd, False)
-        it.seccomp_mod = _load_seccomp(it.seccomp) if it.seccomp else None
-    except BaseException as e:  # noqa: BLE001
-        _die_with(sock, e, "starting the container process")
-    _c_main(S.default(), it, sock, plan, want_maps, timens)
-    os._exit(1)
-
-
-def _load_seccomp(profile: dict):
-    """Check the profile, import the seccomp module and load libseccomp now: after
-    pivot_root G cannot see the host's Python packages or libraries any more."""
-    from . import seccomp as seccomp_mod
-    seccomp_mod.plan(profile)
-    preload = getattr(seccomp_mod, "_import_pyseccomp", None)
-    if preload is not None:
-        preload()
-    else:
-        import pyseccomp  # noqa: F401
-    return seccomp_mod
-
-
-def _start_c(sc: S.Linux, it: _Init, parent, child, plan, want_maps: bool,
+def _start_c(sc: S.Linux | None, it: _Init, parent, child, plan, want_maps: bool,
              timens: dict | None) -> int:
     """Fork C. If our own executable could be written through /proc/PID/exe (CVE-2019-5736),
     C executes a sealed memfd copy of the interpreter instead of continuing as a fork, so no
@@ -355,21 +54,18 @@ def _start_c(sc: S.Linux, it: _Init, parent, child, plan, want_maps: bool,
     launcher moves it into the cgroup (which waits for an RCU grace period, ~10 ms)."""
     from . import selfexe
     if selfexe.exe_is_protected():
+        it.seccomp_mod = _load_seccomp(it.seccomp) if it.seccomp else None
         pid = os.fork()
         if pid == 0:
             parent.close()
-            _c_main(sc, it, child, plan, want_maps, timens)
+            _c_main(sc or S.default(), it, child, plan, want_maps, timens)
             os._exit(1)
         return pid
     import _pickle
     exe_fd = selfexe.sealed_copy("/proc/self/exe")
-    boot = selfexe.boot_code("agent.launcher.container", "_c_boot",
+    boot = selfexe.boot_code("agent.launcher.init", "_c_boot",
                              f"int(sys.argv[1])")
-    seccomp_mod, it.seccomp_mod = it.seccomp_mod, None
-    try:
-        payload = _pickle.dumps((it, plan, want_maps, timens), 4)
-    finally:
-        it.seccomp_mod = seccomp_mod
+    payload = _pickle.dumps((it, plan, want_maps, timens), 4)
     pid = os.fork()
     if pid == 0:
         try:
@@ -388,20 +84,19 @@ def _start_c(sc: S.Linux, it: _Init, parent, child, plan, want_maps: bool,
 
 # --- launcher side ---------------------------------------------------------------------------
 
-class _Spawned:
-    def __init__(self, pid: int, sock, cgroup) -> None:
-        self.pid, self.sock, self.cgroup = pid, sock, cgroup
-
-
-def _spawn(sc: S.Linux, it: _Init, plan: list[tuple[str, str | None]], spec: Spec | None,
+def _spawn(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]], spec: Spec | None,
            cgroup, console_socket: str | None, state_of, timens: dict | None,
-           runtime_hooks: tuple[list[Hook], list[Hook]] = ([], [])) -> _Spawned:
+           runtime_hooks: tuple[list[Hook], list[Hook]] = ([], [])) -> int:
     """Fork C (and through it G); drive the handshake until G is ready (or has exec'd, when
     there is no fifo). Returns G's pid."""
     if it.proc.terminal and not console_socket:
         raise LauncherError("process.terminal is true but no --console-socket was given")
-    # A bad profile fails here, in the launcher, with the field named.
-    it.seccomp_mod = _load_seccomp(it.seccomp) if it.seccomp else None
+    it.seccomp_mod = None
+    if it.seccomp:
+        # A bad profile fails here, in the launcher, with the field named. libseccomp itself
+        # is loaded by C (_start_c / init._c_boot), before it enters the container.
+        from . import seccomp as seccomp_mod
+        seccomp_mod.plan(it.seccomp)
     parent, child = sync.pair()
     userns_new = any(t == "user" and not p for t, p in plan)
     want_maps = userns_new and bool(spec and (spec.linux.uid_mappings or
@@ -420,7 +115,7 @@ def _spawn(sc: S.Linux, it: _Init, plan: list[tuple[str, str | None]], spec: Spe
         msg, _ = sync.recv(parent, "entering namespaces")
         gpid = msg["pid"]
         os.waitpid(cpid, 0)
-        if it.start_hooks:
+        if _needs_state(it):
             sync.send(parent, {"state": state_of(gpid, "created")})
         while True:
             try:
@@ -459,7 +154,7 @@ def _spawn(sc: S.Linux, it: _Init, plan: list[tuple[str, str | None]], spec: Spe
         raise
     finally:
         parent.close()
-    return _Spawned(gpid, None, cgroup)
+    return gpid
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:
@@ -504,7 +199,13 @@ class Launcher:
 
     def __init__(self, root: str | None = None, sc: S.Linux | None = None) -> None:
         self.store = state.Store(root)
-        self.sc = sc or S.default()
+        self._sc = sc
+
+    @property
+    def sc(self) -> S.Linux:
+        if self._sc is None:
+            self._sc = S.default()
+        return self._sc
 
     # -- create / start ----------------------------------------------------------------------
 
@@ -517,6 +218,9 @@ class Launcher:
         root_path = os.path.join(bundle, spec.root_path)
         if not os.path.isdir(root_path):
             raise SpecError(f"root.path: {root_path!r} is not a directory")
+        if spec.process and spec.process.apparmor_profile and not process.apparmor_enabled():
+            _warn(f"process.apparmorProfile {spec.process.apparmor_profile!r} ignored: "
+                  "AppArmor is not enabled in this kernel")
         d = self.store.reserve(cid)
         cg = None
         fifo_fd = None
@@ -553,17 +257,17 @@ class Launcher:
             prev = os.getcwd()
             os.chdir(bundle)  # relative mount sources are relative to the bundle
             try:
-                sp = _spawn(self.sc, it, _namespace_plan(spec), spec, cg, console_socket,
+                gpid = _spawn(self._sc, it, _namespace_plan(spec), spec, cg, console_socket,
                             state_of, spec.linux.time_offsets,
                             (spec.hooks["prestart"], spec.hooks["createRuntime"]))
             finally:
                 os.chdir(prev)
-            record["pid"] = sp.pid
-            record["starttime"] = state.proc_start_time(sp.pid)
+            record["pid"] = gpid
+            record["starttime"] = state.proc_start_time(gpid)
             self.store.save(cid, record)
             if pid_file:
-                _write_pid_file(pid_file, sp.pid)
-            return sp.pid
+                _write_pid_file(pid_file, gpid)
+            return gpid
         except BaseException:
             if cg is not None:
                 try:
@@ -622,6 +326,14 @@ class Launcher:
                 out.append(self.state(cid))
             except state.StateError:
                 continue
+        return out
+
+    def stats(self, cid: str) -> dict:
+        """The container's cgroup figures (memory, cpu, pids, io, hugetlb) and OOM kills."""
+        rec = self.store.load(cid)
+        cg = _open_cgroup(rec.get("cgroupsPath"), cid)
+        out = cg.stats()
+        out["oom_kills"] = cg.oom_kills()
         return out
 
     def kill(self, cid: str, sig: int, all_procs: bool = False) -> None:
@@ -686,12 +398,12 @@ class Launcher:
                    False, {}, False, [], [])
         if not detach:
             self.sc.prctl(S.PR_SET_CHILD_SUBREAPER, 1)
-        sp = _spawn(self.sc, it, plan, None, cg, console_socket, lambda p, s: "", None)
+        gpid = _spawn(self._sc, it, plan, None, cg, console_socket, lambda p, s: "", None)
         if pid_file:
-            _write_pid_file(pid_file, sp.pid)
+            _write_pid_file(pid_file, gpid)
         if detach:
-            return sp.pid
-        return wait_exit(sp.pid)
+            return gpid
+        return wait_exit(gpid)
 
     # -- run -----------------------------------------------------------------------------------
 

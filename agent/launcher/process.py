@@ -99,3 +99,26 @@ def close_fds_except(sc: S.Linux, keep: set[int]) -> None:
             sc.close_range(first, fd - 1)
         first = fd + 1
     sc.close_range(first, 0xFFFFFFFF)
+
+
+def apparmor_enabled() -> bool:
+    try:
+        with open("/sys/module/apparmor/parameters/enabled") as f:
+            return f.read().strip() == "Y"
+    except OSError:
+        return False
+
+
+def set_apparmor_profile(profile: str | None) -> None:
+    """Ask AppArmor to confine the program we are about to exec (takes effect at execve)."""
+    if not profile or not apparmor_enabled():
+        return
+    for path in ("/proc/self/attr/apparmor/exec", "/proc/self/attr/exec"):
+        try:
+            with open(path, "w") as f:
+                f.write(f"exec {profile}")
+            return
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise OSError(e.errno, f"process.apparmorProfile {profile!r}: {e.strerror}") from None

@@ -6,8 +6,11 @@ object that records or fails calls instead (see tests/launcher/test_units.py).
 """
 from __future__ import annotations
 
-import ctypes
 import os
+
+# ctypes costs ~4 ms to import; the launcher process of a plain ``create`` or ``state`` never
+# makes these calls, so it is loaded when the first Linux() is built.
+ctypes = None  # type: ignore[assignment]
 
 # mount(2) flags
 MS_RDONLY = 0x1
@@ -79,18 +82,23 @@ _NR = {  # x86_64 and aarch64 numbers for calls glibc 2.36 does not wrap
 }[os.uname().machine]
 
 
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                ("resolve", ctypes.c_uint64)]
+def _load_ctypes() -> None:
+    global ctypes, _OpenHow, _CapHeader, _CapData
+    if ctypes is not None:
+        return
+    import ctypes as c
 
+    class _OpenHow(c.Structure):  # noqa: N801 - struct open_how
+        _fields_ = [("flags", c.c_uint64), ("mode", c.c_uint64), ("resolve", c.c_uint64)]
 
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+    class _CapHeader(c.Structure):  # noqa: N801
+        _fields_ = [("version", c.c_uint32), ("pid", c.c_int)]
 
+    class _CapData(c.Structure):  # noqa: N801
+        _fields_ = [("effective", c.c_uint32), ("permitted", c.c_uint32),
+                    ("inheritable", c.c_uint32)]
 
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
+    ctypes = c
 
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -106,6 +114,7 @@ class Linux:
     """The real kernel. Methods mirror the system calls' arguments."""
 
     def __init__(self) -> None:
+        _load_ctypes()
         self._libc = libc = ctypes.CDLL(None, use_errno=True)
         self._mount = libc.mount
         self._mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,

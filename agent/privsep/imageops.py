@@ -31,6 +31,7 @@ class PullImage:
     platform: str = ""
     insecure: tuple[str, ...] = ()
     creds: str = ""
+    lazy: bool = False
 
 
 @record(frozen=True)
@@ -89,7 +90,8 @@ def parse(op: str, args: dict):
         creds = _get(args, "creds", str, "", required=False)
         if len(creds) > 4096 or "\0" in creds or (creds and ":" not in creds):
             raise ValidationError("creds", "must be USER:PASSWORD")
-        return PullImage(_image(args), platform, tuple(insecure), creds)
+        lazy = _get(args, "lazy", bool, False, required=False)
+        return PullImage(_image(args), platform, tuple(insecure), creds, lazy)
     if op == "snapshot":
         return Snapshot(_image(args), check_id("container_id", _get(args, "container_id", str)))
     if op == "unsnapshot":
@@ -165,6 +167,8 @@ def handle(sandbox, op, fds: list[int]):
             argv += ["--platform", op.platform]
         for h in op.insecure:
             argv += ["--plain-http", h]
+        if op.lazy:
+            argv.append("--lazy")  # metadata only when the image has a lazy index; else a full pull
         # credentials by environment, not argv: /proc/<pid>/cmdline is readable by anyone
         job = _json_job(sandbox, argv, f"pull of {op.image}", {"PULLER_CREDS": op.creds} if op.creds else None)
         job.timeout = PULL_JOB_TIMEOUT

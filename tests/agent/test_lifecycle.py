@@ -181,3 +181,51 @@ def test_remove_leaves_nothing_behind(agent, rootfs):
         mi = f.read()
     assert cid not in mi
     assert not os.path.exists(os.path.join(agent.run_dir, "daemon", "containers", cid))
+
+
+def test_create_sandbox_sets_hostname_and_dns(agent):
+    async def body(c):
+        await c.call(C.SVC, "CreateSandbox", agent_pb2.CreateSandboxRequest(
+            hostname="pod-1", dns=["nameserver 10.0.2.3", "search example.test"], sandbox_id="sb1"), C.Empty)
+        with pytest.raises(TTRPCError) as ei:
+            await c.call(C.SVC, "CreateSandbox", agent_pb2.CreateSandboxRequest(hostname="again"), C.Empty)
+        assert ei.value.code == Code.ALREADY_EXISTS
+    run(agent, body)
+    init = agent.pids()["init"]
+    out = subprocess.run(["nsenter", "-t", str(init), "-u", "hostname"], capture_output=True, text=True).stdout
+    assert out.strip() == "pod-1"
+    assert os.uname().nodename != "pod-1"  # the host's own name is untouched
+    resolv = (agent.run_dir / "resolv.conf").read_text()
+    assert "nameserver 10.0.2.3" in resolv and "search example.test" in resolv
+
+
+def test_create_sandbox_refuses_bad_input(agent):
+    async def body(c):
+        for req in (agent_pb2.CreateSandboxRequest(hostname="bad host name!"),
+                    agent_pb2.CreateSandboxRequest(dns=["nameserver 1.2.3.4\nnameserver 6.6.6.6"]),
+                    agent_pb2.CreateSandboxRequest(sandbox_id="../escape")):
+            with pytest.raises(TTRPCError) as ei:
+                await c.call(C.SVC, "CreateSandbox", req, C.Empty)
+            assert ei.value.code == Code.INVALID_ARGUMENT, req
+    run(agent, body)
+
+
+def test_tty_write_while_a_read_is_pending(agent, rootfs):
+    """Kata's shim keeps a ReadStdout long poll open while it writes what the user types."""
+    async def body(c):
+        await C.create(c, "tt", spec(rootfs, ["sh"], terminal=True))
+        await C.start(c, "tt")
+        out = bytearray()
+
+        async def reader():
+            out.extend(await C.read_all(c, "tt"))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            await trio.sleep(0.5)  # the reader is now parked in ReadStdout
+            with trio.fail_after(10):
+                await C.write_stdin(c, "tt", "", b"echo typed-$((40+2)); exit 0\n")
+        assert b"typed-42" in out
+        assert await C.wait(c, "tt") == 0
+        await C.remove(c, "tt")
+    run(agent, body)

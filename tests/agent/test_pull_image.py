@@ -98,3 +98,29 @@ def test_pull_errors_are_clear(agent, image):
         assert trio.current_time() - t0 < 60
 
     run(agent, body)
+
+
+def test_lazy_pull_image_then_run_it(agent, image):
+    """With lazy metadata in the registry (python -m puller index), PullImage(lazy) fetches only
+    the metadata and the container runs from the FUSE-served rootfs."""
+    import subprocess
+
+    reg, ref, pushed = image
+    out = subprocess.run([sys.executable, "-m", "puller", "index", ref, "--plain-http", reg.host],
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
+    assert out.returncode == 0, out.stderr
+
+    async def body(c):
+        req = agent_pb2.PullImageRequest(image=ref, container_id="lz", insecure_registries=[reg.host], lazy=True)
+        r = await c.call(C.SVC, "PullImage", req, agent_pb2.PullImageResponse, timeout=120)
+        assert r.lazy and r.manifest_digest == pushed.digest
+        ctr = spec(r.rootfs, json.loads(r.runtime_config_json)["process"]["args"])
+        ctr["root"]["readonly"] = False
+        await C.create(c, "lz", ctr)
+        await C.start(c, "lz")
+        assert await C.read_all(c, "lz") == b"hello from the image\n"
+        assert await C.wait(c, "lz") == 0
+        await C.remove(c, "lz")
+        assert not os.path.ismount(r.rootfs)
+
+    run(agent, body, timeout=240)

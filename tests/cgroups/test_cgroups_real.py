@@ -488,3 +488,21 @@ def test_cgroup2_only_freeze_kill_and_destroy():
         c.destroy(kill=True)
         for ctl in set(read(root_ctl).split()) - before:
             restore_controller(root_ctl, ctl)
+
+
+@pytest.mark.skipif("memory" not in LAYOUT.v1, reason="v1 memory files (cgroup2 has no "
+                    "swappiness or OOM-killer switch)")
+def test_v1_memory_extras_written(cgroup):
+    c = cgroup({"memory": {"limit": 64 << 20, "reservation": 32 << 20, "swappiness": 0,
+                           "disableOOMKiller": True, "kernel": 1 << 20}})
+    d = c.paths()["memory"]
+    assert read(f"{d}/memory.soft_limit_in_bytes") == str(32 << 20)
+    assert read(f"{d}/memory.swappiness") == "0"
+    assert "oom_kill_disable 1" in read(f"{d}/memory.oom_control").splitlines()
+    assert any(i.startswith("memory.kernel") for i in c.ignored)
+    # raising the limit later, swap included, needs memsw written first: must not fail
+    c.apply({"memory": {"limit": 128 << 20, "swap": 256 << 20}})
+    assert read(f"{d}/memory.limit_in_bytes") == str(128 << 20)
+    assert read(f"{d}/memory.memsw.limit_in_bytes") == str(256 << 20)
+    c.apply({"memory": {"limit": 16 << 20, "swap": 16 << 20}})
+    assert read(f"{d}/memory.memsw.limit_in_bytes") == str(16 << 20)

@@ -3,6 +3,7 @@ running the dummy daemon and real runc containers from a busybox bundle."""
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -49,7 +50,7 @@ class Agent:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=os.path.dirname(HERE))
-        self.hello = self.wait_hello()
+        self.hello: dict = {}  # filled by the factory once the daemon answers
 
     # -- talking to the dummy daemon ------------------------------------------------------
     def request(self, req: dict, fds=(), timeout: float = 20) -> tuple[dict, list[int]]:
@@ -190,6 +191,19 @@ class Agent:
         self.call_ok("start", {"container_id": cid})
         return res["pid"], ends
 
+    def _children(self) -> list[int]:
+        out = []
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        raw = f.read()
+                except OSError:
+                    continue
+                if int(raw[raw.rindex(")") + 2:].split()[1]) == self.proc.pid:
+                    out.append(int(d))
+        return out
+
     @staticmethod
     def read_all(fd: int, timeout: float = 10) -> bytes:
         import select
@@ -209,13 +223,22 @@ class Agent:
         if self.proc.poll() is None:
             try:
                 self.call("shutdown")
-            except (OSError, ConnectionError, ValueError):
+            except (OSError, ConnectionError, ValueError, AssertionError):
                 pass
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                # unshare does not pass signals on: stop init itself, then unshare
+                for pid in self._children():
+                    try:
+                        os.kill(pid, signal.SIGTERM)
+                    except OSError:
+                        pass
+                try:
+                    self.proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
         self.log.close()
         state = os.path.join(self.run_dir, ".oci-state", "root")
         if os.path.isdir(state):
@@ -250,7 +273,8 @@ def agent_factory():
         os.chmod(base, 0o755)
         bases.append(base)
         a = Agent(base, **kw)
-        made.append(a)
+        made.append(a)  # before waiting: an agent that never answers is still stopped
+        a.hello = a.wait_hello()
         return a
 
     yield make

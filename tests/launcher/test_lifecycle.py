@@ -172,3 +172,28 @@ def test_globals_runc_tools_pass_are_accepted(runtime, make_bundle):
     p = runtime.cmd("--systemd-cgroup", "--debug", "run", "--bundle", b.path,
                     runtime.new_id())
     assert p.returncode == 0
+
+
+def test_events_stats(runtime, make_bundle):
+    b = make_bundle(["sh", "-c", "sleep 100 & sleep 100"])
+    b.config["linux"]["resources"] = {"memory": {"limit": 128 << 20}, "pids": {"limit": 50}}
+    cid, _ = runtime.create(b)
+    runtime.cmd("start", cid)
+    time.sleep(0.2)
+    ev = json.loads(runtime.cmd("events", "--stats", cid).stdout)
+    assert ev["type"] == "stats" and ev["id"] == cid
+    data = ev["data"]
+    assert data["pids_stats"]["current"] >= 2, data["pids_stats"]
+    assert data["memory_stats"]["usage"]["usage"] > 0
+    assert data["oom_kills"] == 0
+
+
+def test_memory_limit_oom_kill_is_counted(runtime, make_bundle):
+    b = make_bundle(["sh", "-c", "dd if=/dev/zero of=/dev/null bs=96M count=1; echo survived"])
+    b.config["linux"]["resources"] = {"memory": {"limit": 24 << 20, "swap": 24 << 20}}
+    cid, _ = runtime.create(b)
+    runtime.cmd("start", cid)
+    assert wait_status(runtime, cid, "stopped", 10)["status"] == "stopped"
+    data = json.loads(runtime.cmd("events", "--stats", cid).stdout)["data"]
+    assert data["oom_kills"] >= 1
+    runtime.cmd("delete", cid)

@@ -94,6 +94,11 @@ def test_user_namespace_mappings(runtime, make_bundle, open_tmp):
     cid, _ = runtime.create(make_bundle_with(make_bundle, ["sleep", "30"], userns))
     pid = runtime.state(cid)["pid"]
     assert os.stat(f"/proc/{pid}").st_uid == 100000
+    # exec joins the user namespace too: root inside, 100000 outside
+    runtime.cmd("start", cid)
+    p = runtime.cmd("exec", cid, "sh", "-c", "id -u; readlink /proc/self/ns/user")
+    uid, ns = p.stdout.split()
+    assert uid == "0" and ns == os.readlink(f"/proc/{pid}/ns/user")
 
 
 def make_bundle_with(make_bundle, args, mutate):
@@ -166,8 +171,8 @@ def test_devices_and_dev_layout(runtime, make_bundle):
                                  {"type": "p", "path": "/dev/mypipe"}]
     out = run_sh(runtime, make_bundle,
                  "stat -c '%n %t %T %a %u %g %F' /dev/null /dev/zero /dev/full /dev/random "
-                 "/dev/urandom /dev/tty /dev/fuse; stat -c %F /dev/mypipe; for l in fd stdin stdout "
-                 "stderr ptmx; do readlink /dev/$l; done; "
+                 "/dev/urandom /dev/tty /dev/fuse; stat -c %F /dev/mypipe; "
+                 "for l in fd stdin stdout stderr ptmx; do readlink /dev/$l; done; "
                  "grep -E ' /dev/(pts|shm) ' /proc/self/mounts | cut -d' ' -f2,3", devs).stdout
     lines = out.splitlines()
     assert lines[0] == "/dev/null 1 3 666 0 0 character special file"
@@ -444,3 +449,20 @@ def test_cgroup_mount_shows_own_cgroup(runtime, make_bundle):
     assert out[0] == "77"           # the container's own cgroup, with its limit
     assert int(out[1]) >= 1         # cgroup namespace: the container's cgroup is its "/"
     assert out[2] == "ro"
+
+
+def test_unobtainable_capability_fails_create(runtime, make_bundle):
+    """A capability the launcher itself lacks fails create with its name (not start)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def drop_sys_nice():  # runs in the child before exec: the launcher starts without it
+        libc.prctl(24, 23, 0, 0, 0)  # PR_CAPBSET_DROP, CAP_SYS_NICE
+
+    b = make_bundle(["true"])
+    caps = b.config["process"]["capabilities"]
+    for k in ("bounding", "effective", "permitted"):
+        caps[k] = caps[k] + ["CAP_SYS_NICE"]
+    cid, p = runtime.create(b, None, check=False, preexec_fn=drop_sys_nice)
+    assert p.returncode != 0 and "CAP_SYS_NICE" in p.stderr, p.stderr
+    assert not os.path.exists(os.path.join(runtime.root, cid))

@@ -152,3 +152,33 @@ def test_vm_status_and_down_without_a_vm(tmp_path):
 def test_guest_files_says_what_is_missing(tmp_path):
     with pytest.raises(vm.VMError, match="kernel .* does not exist.*rootfs-build.sh"):
         vm.guest_files(str(tmp_path / "nope"), str(tmp_path / "nope2"))
+
+
+def test_staging_is_reproducible(tmp_path, guest_dir, cpio_py):
+    """Two stagings of the same inputs archive to the same bytes (pyc included): fixed hash
+    seed, unchecked-hash pycs, sorted entries, fixed times."""
+    import hashlib
+    import subprocess
+    digests = []
+    for n in ("a", "b"):
+        out = tmp_path / n
+        subprocess.run(["/usr/bin/python3.11",
+                        str(GUEST_IMAGE / "stage.py"), "--repo", str(GUEST_IMAGE.parent),
+                        "--site", str(GUEST_IMAGE.parent / ".venv/lib/python3.11/site-packages"),
+                        "--modules-order", str(guest_dir / "cache/modules.order"),
+                        "--out", str(out)], check=True, capture_output=True)
+        buf = io.BytesIO()
+        cpio_py.write(str(out), buf, 0)
+        digests.append(hashlib.sha256(buf.getvalue()).hexdigest())
+    assert digests[0] == digests[1]
+
+
+def test_agentctl_vm_cli_without_a_vm(tmp_path, capsys):
+    from agentctl.cli import main
+    assert main(["vm", "status", "--state-dir", str(tmp_path)]) == 3
+    assert capsys.readouterr().out == "absent\n"
+    assert main(["vm", "down", "--state-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == "not running\n"
+    assert main(["vm", "up", "--state-dir", str(tmp_path), "--kernel", str(tmp_path / "k"),
+                 "--initrd", str(tmp_path / "i")]) == 1
+    assert "does not exist" in capsys.readouterr().err

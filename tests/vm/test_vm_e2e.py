@@ -7,9 +7,13 @@ at /opt/busybox-rootfs.
 from __future__ import annotations
 
 import http.server
+import importlib.util
+import json
 import re
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import trio
@@ -56,12 +60,15 @@ async def _read_all(c, cid, exec_id="", method="ReadStdout"):
         out += r.data
 
 
-def run_container(addr, cid, args, *, namespaces=("pid", "network", "ipc", "uts", "mount")):
+def run_container(addr, cid, args, *, namespaces=("pid", "network", "ipc", "uts", "mount"),
+                  root=ROOTFS):
     """Create, start, read stdout to EOF, wait, remove: (stdout, exit status)."""
-    spec = default_spec(ROOTFS, args, terminal=False, env=DEFAULT_ENV)
+    spec = default_spec(root, args, terminal=False, env=DEFAULT_ENV)
     keep = [ns for ns in spec.Linux.Namespaces if ns.Type in namespaces]
     del spec.Linux.Namespaces[:]
     spec.Linux.Namespaces.extend(keep)
+    if "uts" not in namespaces:
+        spec.Hostname = ""  # the guest's own: setting one needs a uts namespace
 
     async def go():
         async with open_client(addr) as c:
@@ -105,6 +112,16 @@ def test_guest_details(guest_vm):
     assert r.agent_details.init_daemon
 
 
+def test_create_sandbox_sets_guest_hostname(guest_vm):
+    st, _ = guest_vm
+    call(st.server_addr, "CreateSandbox", agent_pb2.CreateSandboxRequest(
+        hostname="vmbox", dns=["nameserver 10.0.2.3"], sandbox_id="sb-vm"))
+    # a container sharing the guest's uts namespace sees the sandbox's hostname
+    out, status = run_container(st.server_addr, "uts", ["hostname"],
+                                namespaces=("pid", "network", "ipc", "mount"))
+    assert (out, status) == ("vmbox\n", 0)
+
+
 def test_container_stdout_and_exit_code(guest_vm):
     st, _ = guest_vm
     out, status = run_container(st.server_addr, "hello", [
@@ -136,16 +153,36 @@ def test_exec_with_stdin(guest_vm):
             w = await c.call(SVC, "WaitProcess", agent_pb2.WaitProcessRequest(
                 container_id="sleeper", exec_id="up"), agent_pb2.WaitProcessResponse,
                 timeout=120)
+            stats = await c.call(SVC, "StatsContainer", agent_pb2.StatsContainerRequest(
+                container_id="sleeper"), agent_pb2.StatsContainerResponse, timeout=60)
             await c.call(SVC, "SignalProcess", agent_pb2.SignalProcessRequest(
                 container_id="sleeper", signal=9), Empty, timeout=60)
             main = await c.call(SVC, "WaitProcess", agent_pb2.WaitProcessRequest(
                 container_id="sleeper"), agent_pb2.WaitProcessResponse, timeout=120)
             await c.call(SVC, "RemoveContainer", agent_pb2.RemoveContainerRequest(
                 container_id="sleeper", timeout=10), Empty, timeout=120)
-            return out, w.status, main.status
-    out, status, main_status = trio.run(go)
+            return out, w.status, main.status, stats
+    out, status, main_status, stats = trio.run(go)
     assert out == b"SHOUT\n" and status == 4
     assert main_status == 128 + 9
+    # the guest has pure cgroup v2: the figures come from the container's own cgroup
+    cg = stats.cgroup_stats
+    assert cg.memory_stats.usage.usage > 0
+    assert cg.pids_stats.current >= 1
+    assert cg.cpu_stats.cpu_usage.total_usage > 0
+
+
+def test_puller_helper_rootfs_runs_the_puller(guest_vm):
+    # The puller's own container root (/opt/puller-rootfs, baked in): Python and the puller,
+    # and none of the agent.
+    st, _ = guest_vm
+    spec_root = "/opt/puller-rootfs"
+    script = ("import importlib.util as u, puller.pull, puller.store; "
+              "print('puller', puller.pull.__name__, 'agent', u.find_spec('agent'))")
+    out, status = run_container(st.server_addr, "puller", [
+        "/usr/bin/python3.11", "-I", "-S", "-c", script], root=spec_root)
+    assert status == 0, out
+    assert out == "puller puller.pull agent None\n"
 
 
 def test_daemon_is_confined_in_the_guest(guest_vm):
@@ -190,27 +227,35 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_guest_reaches_host_loopback_through_user_networking(guest_vm):
+@pytest.fixture(scope="module")
+def guest_network(guest_vm):
+    """The guest's NIC configured as QEMU's user-mode network expects (10.0.2.15/24, default
+    route via 10.0.2.2), over the agent's network RPCs as a runtime would do it."""
+    st, _ = guest_vm
+    ifaces = call(st.server_addr, "ListInterfaces", agent_pb2.ListInterfacesRequest(),
+                  agent_pb2.Interfaces)
+    nic = [i for i in ifaces.Interfaces if i.name != "lo"]
+    assert nic, f"no NIC in the guest: {ifaces}"
+    name = nic[0].name
+    call(st.server_addr, "UpdateInterface", agent_pb2.UpdateInterfaceRequest(
+        interface=types_pb2.Interface(name=name, hwAddr=nic[0].hwAddr, mtu=1500,
+                                      IPAddresses=[types_pb2.IPAddress(
+                                          address="10.0.2.15", mask="24")])),
+         types_pb2.Interface)
+    call(st.server_addr, "UpdateRoutes", agent_pb2.UpdateRoutesRequest(
+        routes=agent_pb2.Routes(Routes=[types_pb2.Route(dest="", gateway="10.0.2.2",
+                                                        device=name)])),
+         agent_pb2.Routes)
+    return name
+
+
+def test_guest_reaches_host_loopback_through_user_networking(guest_vm, guest_network):
     st, _ = guest_vm
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     port = srv.server_address[1]
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     try:
-        ifaces = call(st.server_addr, "ListInterfaces", agent_pb2.ListInterfacesRequest(),
-                      agent_pb2.Interfaces)
-        nic = [i for i in ifaces.Interfaces if i.name != "lo"]
-        assert nic, f"no NIC in the guest: {ifaces}"
-        name = nic[0].name
-        call(st.server_addr, "UpdateInterface", agent_pb2.UpdateInterfaceRequest(
-            interface=types_pb2.Interface(name=name, hwAddr=nic[0].hwAddr, mtu=1500,
-                                          IPAddresses=[types_pb2.IPAddress(
-                                              address="10.0.2.15", mask="24")])),
-             types_pb2.Interface)
-        call(st.server_addr, "UpdateRoutes", agent_pb2.UpdateRoutesRequest(
-            routes=agent_pb2.Routes(Routes=[types_pb2.Route(dest="", gateway="10.0.2.2",
-                                                            device=name)])),
-             agent_pb2.Routes)
         # shares the guest's network namespace (no "network" in the list); no wget -T:
         # busybox 1.35's wget segfaults with it
         out, status = run_container(st.server_addr, "wget", [
@@ -221,6 +266,41 @@ def test_guest_reaches_host_loopback_through_user_networking(guest_vm):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def _puller_kit():
+    path = Path(__file__).resolve().parents[1] / "puller" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("puller_test_kit", path)
+    kit = importlib.util.module_from_spec(spec)
+    sys.modules["puller_test_kit"] = kit  # its dataclasses look their module up there
+    spec.loader.exec_module(kit)
+    return kit
+
+
+def test_pull_image_in_the_guest_from_the_host_registry(guest_vm, guest_network, tmp_path):
+    # Debian's docker-registry on the host's 127.0.0.1; the guest reaches it as 10.0.2.2.
+    st, _ = guest_vm
+    kit = _puller_kit()
+    reg = kit.start_registry(tmp_path / "reg")
+    try:
+        root = kit.busybox_tree(tmp_path / "rootfs")
+        (root / "hello.txt").write_text("hello from the registry\n")
+        pushed = kit.Pusher(reg).image("demo/hello", "v1", [kit.Layer(kit.tar_dir(root), "gzip")],
+                                       config={"Cmd": ["/bin/cat", "/hello.txt"],
+                                               "Env": ["PATH=/bin"]})
+        guest_host = "10.0.2.2:" + reg.host.rsplit(":", 1)[1]
+        ref = f"{guest_host}/demo/hello:v1"
+        r = call(st.server_addr, "PullImage", agent_pb2.PullImageRequest(
+            image=ref, container_id="pulled", insecure_registries=[guest_host]),
+            agent_pb2.PullImageResponse, timeout=300)
+        assert r.manifest_digest == pushed.digest
+        assert r.rootfs
+        args = json.loads(r.runtime_config_json)["process"]["args"]
+        assert args == ["/bin/cat", "/hello.txt"]
+        out, status = run_container(st.server_addr, "pulled", args, root=r.rootfs)
+        assert (out, status) == ("hello from the registry\n", 0)
+    finally:
+        reg.stop()
 
 
 def test_destroy_sandbox_powers_the_vm_off(guest_vm):

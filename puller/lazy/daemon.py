@@ -1,0 +1,154 @@
+"""The FUSE server process of one lazy snapshot: ``python -m puller.lazy.daemon``.
+
+Started by mount.py in its own session so it outlives the command that made the snapshot.
+It tells its parent it is serving by writing "ready" to `--ready-fd`, keeps fetch counters in
+`--stats` (JSON, rewritten after fetches), and exits when the mount goes away
+(fusermount3 -u) or on SIGTERM/SIGINT, unmounting first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+
+import pyfuse3
+import trio
+
+from ..auth import Credentials
+from ..registry import RegistryClient, RegistryOptions
+from ..store import Store
+from .cache import ChunkCache
+from .fetcher import ChunkFetcher
+from .fs import AccessRecorder, LazyFS, fetch_in_background
+from .locate import load_record_meta
+
+log = logging.getLogger("puller.lazy")
+
+
+def drop_privileges() -> None:
+    """Once the file system is mounted the daemon needs no capability: it reads and writes
+    root-owned files as their owner, and unmounting is the remover's job.  So a bug reachable
+    from registry data or FUSE requests runs without CAP_SYS_ADMIN and friends."""
+    import ctypes
+
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in range(64):
+        if libc.prctl(24, cap, 0, 0, 0) != 0 and ctypes.get_errno() == 22:  # PR_CAPBSET_DROP; EINVAL: no more caps
+            break
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable x 2: all empty
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset: cannot drop capabilities")
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def cache_dir(store: Store) -> str:
+    """The chunk cache every snapshot of this store shares."""
+    return os.path.join(store.root, "lazy", "chunks")
+
+
+def registry_options(lazy: dict, timeout: float | None = None) -> RegistryOptions:
+    creds = os.environ.pop("PULLER_CREDS", "")
+    return RegistryOptions(plain_http=frozenset(lazy.get("plain_http") or ()), ca_file=lazy.get("ca_file"),
+                           auth_file=lazy.get("auth_file"), credentials=Credentials.parse(creds) if creds else None,
+                           timeout=timeout if timeout is not None else float(lazy.get("timeout") or 30.0))
+
+
+class _StatsWriter:
+    """Rewrites the counters file after fetches: a few hundred bytes, cheap beside a fetch."""
+
+    def __init__(self, path: str | None, fetcher: ChunkFetcher) -> None:
+        self.path, self.fetcher = path, fetcher
+
+    def __call__(self, force: bool = False) -> None:
+        if self.path is None:
+            return
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.fetcher.stats.as_dict(), f)
+        os.replace(tmp, self.path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m puller.lazy.daemon")
+    p.add_argument("--store", required=True)
+    p.add_argument("--ref", required=True)
+    p.add_argument("--mountpoint", required=True)
+    p.add_argument("--ready-fd", type=int)
+    p.add_argument("--stats")
+    p.add_argument("--record", help="write the paths of files opened to this file")
+    p.add_argument("--prefetch", help="file with paths (one a line) to fetch first")
+    p.add_argument("--whole", action="store_true", help="fetch every chunk in the background")
+    p.add_argument("--timeout", type=float, help="registry request time bound (default: the pull's)")
+    p.add_argument("--parallel", type=int, default=4)
+    p.add_argument("--amplify", type=int, default=1 << 20,
+                   help="bytes of the chunks following a missed file end fetched along with it")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s",
+                        force=True)
+    store = Store(a.store)
+    record = store.get_image(a.ref)
+    if record is None or not record.get("lazy"):
+        print(f"error: {a.ref!r} is not a lazily pulled image in {a.store}", file=sys.stderr)
+        return 1
+    meta = load_record_meta(store, record)
+    lazy = record["lazy"]
+    cache = ChunkCache(cache_dir(store))
+    client = RegistryClient(lazy["host"], registry_options(lazy, a.timeout))
+    fetcher = ChunkFetcher(client, lazy["repository"], meta, cache, parallel=a.parallel)
+    stats = _StatsWriter(a.stats, fetcher)
+    fs = LazyFS(meta, cache, fetcher, amplify=a.amplify, recorder=AccessRecorder(a.record) if a.record else None, on_fetch=stats)
+    prefetch = []
+    if a.prefetch:
+        with open(a.prefetch) as f:
+            prefetch = [line.strip() for line in f if line.strip()]
+    options = set(pyfuse3.default_options)
+    options.discard("default_permissions")
+    options |= {"fsname=puller-lazy", "subtype=puller-lazy", "ro", "allow_other", "default_permissions"}
+    pyfuse3.init(fs, a.mountpoint, options)
+    drop_privileges()
+    stats(force=True)
+    if a.ready_fd is not None:
+        os.write(a.ready_fd, b"ready\n")
+        os.close(a.ready_fd)
+    try:
+        trio.run(_serve_until_unmounted, fs, prefetch, a.whole, stats)
+    finally:
+        # Without capabilities the unmount here fails unless the mount is already gone
+        # (fusermount3 -u by the remover, the usual way out); the remover falls back to umount -l.
+        pyfuse3.close(unmount=True)
+        stats(force=True)
+        fetcher.close()
+        cache.close()
+    return 0
+
+
+async def _serve_until_unmounted(fs: LazyFS, prefetch: list[str], whole: bool, stats: _StatsWriter) -> None:
+    async with trio.open_nursery() as nursery:
+        async def background() -> None:
+            if prefetch:
+                await fetch_in_background(fs, fs.chunks_of(prefetch), f"prefetch of {len(prefetch)} files")
+            if whole:
+                await fetch_in_background(fs, list(range(len(fs.meta.chunks))), "whole-image fetch")
+            stats(force=True)
+
+        async def signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                async for _ in sigs:
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(background)
+        nursery.start_soon(signals)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

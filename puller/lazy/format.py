@@ -1,0 +1,201 @@
+"""The lazy-pull metadata: the merged file tree of an image and where each file's bytes live.
+
+The artifact (artifactType ARTIFACT_TYPE, `subject` = the image manifest) has as its layers
+first the metadata blob (META_MEDIA_TYPE: zstd-compressed JSON, below), then the chunk data
+blobs (DATA_MEDIA_TYPE).  A data blob is a plain concatenation of chunks; each chunk is a
+piece of at most `chunk_size` bytes of one regular file, stored zstd-compressed when that
+saves space, else raw, and known by the sha256 of its *uncompressed* bytes.  A chunk equal to
+one already stored (in this layer or any lower one) is not stored again: files point at the
+same entry.  Because a layer's data blob holds only chunks new relative to the layers below
+it, it depends only on the layer's ChainID, so images sharing base layers share data blobs.
+
+Everything here is untrusted input: load_meta() checks paths, indices, ranges and digests so
+the file system can index without further checks.
+"""
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+
+from ..digest import parse_digest
+from ..errors import InvalidDigest, ManifestError
+
+ARTIFACT_TYPE = "application/vnd.sandbox-agent.lazy.v1"
+META_MEDIA_TYPE = "application/vnd.sandbox-agent.lazy.meta.v1+json+zstd"
+DATA_MEDIA_TYPE = "application/vnd.sandbox-agent.lazy.chunks.v1"
+FORMAT_VERSION = 1
+MAX_META_BYTES = 512 << 20  # uncompressed metadata JSON
+KINDS = ("reg", "dir", "lnk", "chr", "blk", "fifo")
+
+
+class MetaError(ManifestError):
+    """Lazy metadata that is malformed or does not fit its image."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    digest: str  # sha256 of the uncompressed bytes
+    blob: int  # index into Meta.blobs
+    offset: int  # where the stored bytes start in that blob
+    stored: int  # number of stored bytes
+    size: int  # uncompressed bytes
+    zstd: bool  # stored compressed
+
+
+@dataclass
+class Node:
+    """One directory entry of the merged tree.  Hard links are Nodes sharing `ino`."""
+
+    path: str  # relative, "" is the root
+    kind: str
+    mode: int  # permission bits incl. setuid/setgid/sticky
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    size: int = 0
+    target: str = ""  # symlink target
+    rdev: tuple[int, int] = (0, 0)
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    chunks: list[int] = field(default_factory=list)
+    ino: int = 0  # equal for hard links of one file; assigned by load_meta/to_json
+
+
+@dataclass
+class Meta:
+    subject: str  # the image manifest digest this describes
+    chunk_size: int
+    blobs: list[tuple[str, int]]  # (digest, size) of each data blob, in artifact order
+    chunks: list[Chunk]
+    nodes: list[Node]  # parents before children
+
+    def to_bytes(self) -> bytes:
+        import zstandard
+        first: dict[int, str] = {}
+        nodes = []
+        for n in self.nodes:
+            if n.kind == "reg" and n.ino in first:
+                nodes.append({"p": n.path, "h": first[n.ino]})
+                continue
+            first.setdefault(n.ino, n.path)
+            d: dict = {"p": n.path, "k": n.kind, "m": n.mode, "u": n.uid, "g": n.gid, "t": n.mtime_ns}
+            if n.kind == "reg":
+                d["s"], d["c"] = n.size, n.chunks
+            if n.target:
+                d["l"] = n.target
+            if n.rdev != (0, 0):
+                d["r"] = list(n.rdev)
+            if n.xattrs:
+                d["x"] = {k: base64.b64encode(v).decode() for k, v in sorted(n.xattrs.items())}
+            nodes.append(d)
+        doc = {"version": FORMAT_VERSION, "subject": self.subject, "chunk_size": self.chunk_size,
+               "blobs": [{"digest": d, "size": s} for d, s in self.blobs],
+               "chunks": [[c.digest.split(":", 1)[1], c.blob, c.offset, c.stored, c.size, int(c.zstd)]
+                          for c in self.chunks],
+               "nodes": nodes}
+        raw = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+        return zstandard.ZstdCompressor(level=10).compress(raw)
+
+
+def _int(v: object, what: str, lo: int = 0, hi: int = 1 << 62) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise MetaError(f"lazy metadata: {what} is {v!r:.40}, not an integer in [{lo}, {hi}]")
+    return v
+
+
+def _path(v: object, what: str) -> str:
+    if not isinstance(v, str) or len(v) > 4096 or "\0" in v or v.startswith("/") or v.endswith("/"):
+        raise MetaError(f"lazy metadata: {what}: bad path {v!r:.100}")
+    if v and any(p in ("", ".", "..") for p in v.split("/")):
+        raise MetaError(f"lazy metadata: {what}: path {v!r:.100} has an empty, '.' or '..' component")
+    return v
+
+
+def load_meta(blob: bytes, subject: str) -> Meta:
+    """Parse and check metadata bytes (already verified against their digest)."""
+    import zstandard
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=MAX_META_BYTES)
+        doc = json.loads(raw)
+    except (zstandard.ZstdError, ValueError) as exc:
+        raise MetaError(f"lazy metadata for {subject}: cannot decode: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:
+        raise MetaError(f"lazy metadata for {subject}: not version {FORMAT_VERSION} metadata")
+    if doc.get("subject") != subject:
+        raise MetaError(f"lazy metadata describes {doc.get('subject')!r:.80}, not the image {subject}")
+    chunk_size = _int(doc.get("chunk_size"), "chunk_size", 4096, 64 << 20)
+    blobs = []
+    for i, b in enumerate(doc.get("blobs") or []):
+        try:
+            d = str(parse_digest(b.get("digest") if isinstance(b, dict) else None, what=f"blobs[{i}]"))
+        except InvalidDigest as exc:
+            raise MetaError(f"lazy metadata: {exc}") from None
+        blobs.append((d, _int(b.get("size"), f"blobs[{i}].size")))
+    chunks = []
+    for i, c in enumerate(doc.get("chunks") or []):
+        if not isinstance(c, list) or len(c) != 6:
+            raise MetaError(f"lazy metadata: chunks[{i}] is not a 6-element list")
+        try:
+            digest = str(parse_digest(f"sha256:{c[0]}", what=f"chunks[{i}]"))
+        except InvalidDigest as exc:
+            raise MetaError(f"lazy metadata: {exc}") from None
+        bi = _int(c[1], f"chunks[{i}].blob", 0, len(blobs) - 1)
+        off = _int(c[2], f"chunks[{i}].offset")
+        stored = _int(c[3], f"chunks[{i}].stored", 0, 2 * chunk_size + 1024)
+        if off + stored > blobs[bi][1]:
+            raise MetaError(f"lazy metadata: chunks[{i}] ends at {off + stored}, past its blob's {blobs[bi][1]} bytes")
+        chunks.append(Chunk(digest, bi, off, stored, _int(c[4], f"chunks[{i}].size", 0, chunk_size), bool(c[5])))
+    nodes: list[Node] = []
+    by_path: dict[str, Node] = {}
+    for i, d in enumerate(doc.get("nodes") or []):
+        if not isinstance(d, dict):
+            raise MetaError(f"lazy metadata: nodes[{i}] is not an object")
+        p = _path(d.get("p"), f"nodes[{i}]")
+        if p in by_path:
+            raise MetaError(f"lazy metadata: {p!r} appears twice")
+        parent = p.rpartition("/")[0] if p else None
+        if parent is not None and (parent not in by_path or by_path[parent].kind != "dir"):
+            raise MetaError(f"lazy metadata: {p!r} comes before (or without) its parent directory")
+        if "h" in d:
+            other = by_path.get(d["h"]) if isinstance(d["h"], str) else None
+            if other is None or other.kind != "reg":
+                raise MetaError(f"lazy metadata: hard link {p!r} to {d['h']!r:.100}, which is no earlier regular file")
+            n = Node(p, "reg", other.mode, other.uid, other.gid, other.mtime_ns, other.size, "", (0, 0),
+                     other.xattrs, other.chunks, other.ino)
+        else:
+            kind = d.get("k")
+            if kind not in KINDS:
+                raise MetaError(f"lazy metadata: {p!r} has unknown kind {kind!r:.20}")
+            xattrs = d.get("x") or {}
+            if not isinstance(xattrs, dict):
+                raise MetaError(f"lazy metadata: {p!r}: xattrs are not an object")
+            try:
+                xa = {str(k): base64.b64decode(v, validate=True) for k, v in xattrs.items()}
+            except (ValueError, TypeError):
+                raise MetaError(f"lazy metadata: {p!r}: an xattr value is not base64") from None
+            if any(k.startswith(("trusted.overlay.", "user.overlay.")) for k in xa):
+                raise MetaError(f"lazy metadata: {p!r} carries an overlayfs-private xattr")
+            target = d.get("l", "")
+            rdev = d.get("r", [0, 0])
+            if not isinstance(target, str) or not isinstance(rdev, list) or len(rdev) != 2:
+                raise MetaError(f"lazy metadata: {p!r}: bad link target or device numbers")
+            n = Node(p, kind, _int(d.get("m"), f"{p!r} mode", 0, 0o7777), _int(d.get("u"), f"{p!r} uid", 0, 2**32 - 1),
+                     _int(d.get("g"), f"{p!r} gid", 0, 2**32 - 1), _int(d.get("t"), f"{p!r} mtime", -(1 << 62)),
+                     0, target, (_int(rdev[0], "major"), _int(rdev[1], "minor")), xa, [], i + 1)
+            if kind == "reg":
+                n.size = _int(d.get("s"), f"{p!r} size")
+                ids = d.get("c")
+                if not isinstance(ids, list):
+                    raise MetaError(f"lazy metadata: {p!r}: chunk list missing")
+                n.chunks = [_int(c, f"{p!r} chunk index", 0, len(chunks) - 1) for c in ids]
+                sizes = [chunks[c].size for c in n.chunks]
+                if sum(sizes) != n.size or any(s != chunk_size for s in sizes[:-1]):
+                    raise MetaError(f"lazy metadata: {p!r}: chunks do not add up to its {n.size} bytes "
+                                    f"in pieces of {chunk_size}")
+        if p == "" and n.kind != "dir":
+            raise MetaError("lazy metadata: the root is not a directory")
+        by_path[p] = n
+        nodes.append(n)
+    if not nodes or nodes[0].path != "":
+        raise MetaError("lazy metadata: the tree does not start with its root directory")
+    return Meta(subject, chunk_size, blobs, chunks, nodes)

@@ -1,0 +1,249 @@
+"""The read-only FUSE file system (pyfuse3, on trio) that serves an image from its metadata.
+
+File data comes from the chunk cache; a read of chunks not yet there waits for the fetcher
+(in a worker thread, so other reads go on) and fails with EIO when a chunk cannot be fetched
+or does not verify - never with unverified bytes.  The kernel may keep file pages cached
+(`keep_cache`): the content of an image never changes under a mount.  Writes are not this
+layer's job: an overlayfs upper directory sits above it (mount.py).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from .cache import ChunkCache
+from .fetcher import ChunkError, ChunkFetcher
+from .format import Meta, Node
+
+log = logging.getLogger("puller.lazy")
+_TYPE = {"reg": stat.S_IFREG, "dir": stat.S_IFDIR, "lnk": stat.S_IFLNK, "chr": stat.S_IFCHR,
+         "blk": stat.S_IFBLK, "fifo": stat.S_IFIFO}
+TIMEOUT = 3600.0  # entries and attributes never change while mounted
+
+
+class AccessRecorder:
+    """Collects the paths of files opened, in first-open order (the prefetch list of a run)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.seen: set[str] = set()
+        self._lock = threading.Lock()
+        open(path, "w").close()
+
+    def opened(self, path: str) -> None:
+        if path in self.seen:
+            return
+        with self._lock:
+            self.seen.add(path)
+            with open(self.path, "a") as f:
+                f.write(path + "\n")
+
+
+class LazyFS(pyfuse3.Operations):
+    def __init__(self, meta: Meta, cache: ChunkCache, fetcher: ChunkFetcher, *,
+                 readahead_chunks: int = 3, amplify: int = 1 << 20, recorder: AccessRecorder | None = None,
+                 on_fetch: Callable[[], None] | None = None) -> None:
+        """`readahead_chunks`: chunks of the same file fetched with a miss and kept coming for
+        sequential readers; `amplify`: up to this many bytes of the chunks that follow in the
+        data blob ride along on a miss at a file's end (files of a directory are neighbours in
+        the blob, and a registry request costs milliseconds whatever its size)."""
+        super().__init__()
+        self.meta = meta
+        self.cache = cache
+        self.fetcher = fetcher
+        self.readahead = readahead_chunks
+        self.amplify = amplify
+        order = sorted(range(len(meta.chunks)), key=lambda i: (meta.chunks[i].blob, meta.chunks[i].offset))
+        self._blob_order = order
+        self._blob_pos = {i: k for k, i in enumerate(order)}
+        self.recorder = recorder
+        self.on_fetch = on_fetch
+        self.nodes: dict[int, Node] = {}
+        self.children: dict[int, dict[bytes, int]] = {}
+        self.nlink: dict[int, int] = {}
+        by_path: dict[str, int] = {}
+        for n in meta.nodes:
+            self.nodes.setdefault(n.ino, n)
+            by_path[n.path] = n.ino
+            self.nlink[n.ino] = self.nlink.get(n.ino, 0) + 1
+            if n.kind == "dir":
+                self.children[n.ino] = {}
+                self.nlink[n.ino] += 1
+            if n.path:
+                parent, _, name = n.path.rpartition("/")
+                pino = by_path[parent]
+                self.children[pino][os.fsencode(name)] = n.ino
+                if n.kind == "dir":
+                    self.nlink[pino] += 1
+        self.parent_of = {ino: pino for pino, kids in self.children.items() for ino in kids.values()}
+        self.parent_of[pyfuse3.ROOT_INODE] = pyfuse3.ROOT_INODE
+
+    # -- attributes ---------------------------------------------------------------
+    def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
+        n = self.nodes[ino]
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.generation = 0
+        a.entry_timeout = a.attr_timeout = TIMEOUT
+        a.st_mode = _TYPE[n.kind] | n.mode
+        a.st_nlink = self.nlink[ino]
+        a.st_uid, a.st_gid = n.uid, n.gid
+        a.st_rdev = os.makedev(*n.rdev)
+        a.st_size = n.size if n.kind == "reg" else len(os.fsencode(n.target)) if n.kind == "lnk" else 0
+        a.st_blksize = 1 << 17
+        a.st_blocks = (a.st_size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = n.mtime_ns
+        return a
+
+    def _node(self, ino: int) -> Node:
+        n = self.nodes.get(ino)
+        if n is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return n
+
+    async def getattr(self, inode, ctx=None):
+        self._node(inode)
+        return self._attr(inode)
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        if name == b".":
+            return self._attr(parent_inode)
+        if name == b"..":
+            return self._attr(self.parent_of.get(parent_inode, pyfuse3.ROOT_INODE))
+        ino = self.children.get(parent_inode, {}).get(name)
+        if ino is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(ino)
+
+    async def readlink(self, inode, ctx):
+        n = self._node(inode)
+        if n.kind != "lnk":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(n.target)
+
+    async def getxattr(self, inode, name, ctx):
+        value = self._node(inode).xattrs.get(os.fsdecode(name))
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
+
+    async def listxattr(self, inode, ctx):
+        return [os.fsencode(k) for k in self._node(inode).xattrs]
+
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = sum(n.size for n in self.nodes.values()) // 4096 + 1
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self.nodes)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # -- directories -------------------------------------------------------------
+    async def opendir(self, inode, ctx):
+        if self._node(inode).kind != "dir":
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        entries = sorted(self.children[fh].items())
+        for i in range(start_id, len(entries)):
+            name, ino = entries[i]
+            if not pyfuse3.readdir_reply(token, name, self._attr(ino), i + 1):
+                return
+
+    async def releasedir(self, fh):
+        return None
+
+    # -- files ----------------------------------------------------------------------
+    async def open(self, inode, flags, ctx):
+        n = self._node(inode)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if n.kind != "reg":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if self.recorder is not None:
+            self.recorder.opened(n.path)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    async def read(self, fh, off, size):
+        n = self.nodes[fh]
+        end = min(n.size, off + size)
+        if off >= end:
+            return b""
+        cs = self.meta.chunk_size
+        first, last = off // cs, (end - 1) // cs
+        ids = n.chunks[first:last + 1]
+        chunks = self.meta.chunks
+        if any(not self.cache.has(chunks[i].digest) for i in ids):
+            # Sequential readers come back for the next chunks: ask for a few in the same request.
+            wanted = n.chunks[first:last + 1 + self.readahead]
+            if last + 1 + self.readahead >= len(n.chunks):
+                wanted = wanted + self._neighbours(n.chunks[-1])
+            try:
+                await trio.to_thread.run_sync(self.fetcher.ensure, wanted)
+            except ChunkError as exc:
+                if not all(self.cache.has(chunks[i].digest) for i in ids):
+                    log.error("lazy: read of %r bytes %d-%d fails with EIO: %s", n.path, off, end - 1, exc)
+                    raise pyfuse3.FUSEError(errno.EIO) from None
+            if self.on_fetch is not None:
+                self.on_fetch()
+        if self.readahead:
+            # Keep the next window coming while the reader consumes this one.
+            nxt = n.chunks[last + 1 + self.readahead:last + 1 + 2 * self.readahead]
+            if nxt:
+                self.fetcher.ensure_soon(nxt)
+        parts = []
+        for k, i in enumerate(ids):
+            base = (first + k) * cs
+            lo = max(off, base) - base
+            hi = min(end, base + chunks[i].size) - base
+            parts.append(self.cache.read(chunks[i].digest, lo, hi - lo))
+        return b"".join(parts)
+
+    def _neighbours(self, i: int) -> list[int]:
+        """Chunks after chunk `i` in its data blob, up to `amplify` stored bytes."""
+        out, total = [], 0
+        blob = self.meta.chunks[i].blob
+        for j in self._blob_order[self._blob_pos[i] + 1:]:
+            c = self.meta.chunks[j]
+            total += c.stored
+            if c.blob != blob or total > self.amplify:
+                break
+            out.append(j)
+        return out
+
+    async def release(self, fh):
+        return None
+
+    # -- prefetch ---------------------------------------------------------------------
+    def chunks_of(self, paths: list[str]) -> list[int]:
+        by_path = {n.path: n for n in self.meta.nodes}
+        out: list[int] = []
+        for p in paths:
+            n = by_path.get(p.strip("/"))
+            if n is not None and n.kind == "reg":
+                out.extend(n.chunks)
+        return out
+
+
+async def fetch_in_background(fs: LazyFS, ids: list[int], what: str, batch: int = 8) -> None:
+    """Fetch chunks a few at a time (so foreground reads are not starved), then log."""
+    ids = list(dict.fromkeys(ids))
+    failed = 0
+    for k in range(0, len(ids), batch):
+        try:
+            await trio.to_thread.run_sync(fs.fetcher.ensure, ids[k:k + batch])
+        except ChunkError:
+            failed += 1
+        if fs.on_fetch is not None:
+            fs.on_fetch()
+    log.info("lazy: %s done: %d chunks, %d batches failed", what, len(ids), failed)

@@ -1,0 +1,228 @@
+"""Lazy snapshots: the FUSE daemon's mount as the lower layer of an overlayfs at the destination.
+
+snapshots/<id>/ holds lower/ (the FUSE mount), upper/ and work/ (the container's writes go to
+the overlay's upper directory: the FUSE layer stays read-only and never sees a write),
+daemon.log, stats.json and snapshot.json with mode "lazy" and the daemon's pid.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import fsutil
+from ..snapshot import SnapshotError
+from ..store import Store
+
+READY_TIMEOUT = 30.0
+
+
+@dataclass
+class LazySnapshot:
+    id: str
+    dest: Path
+    ref: str
+    pid: int
+    store: Store
+    created_dest: bool = False
+    started: str = ""  # the daemon's start time (see _start_time)
+
+    @property
+    def dir(self) -> Path:
+        return self.store.snapshot_dir(self.id)
+
+    @property
+    def lower(self) -> Path:
+        return self.dir / "lower"
+
+    def stats(self) -> dict:
+        try:
+            import json
+            return json.loads((self.dir / "stats.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def record(self) -> dict:
+        return {"id": self.id, "dest": str(self.dest), "chain_ids": [], "mode": "lazy", "writable": True,
+                "ref": self.ref, "pid": self.pid, "created_dest": self.created_dest,
+                "started": self.started}
+
+    def remove(self) -> None:
+        """Unmount the overlay and the FUSE mount, stop the daemon, delete the snapshot's dirs."""
+        if fsutil.is_mountpoint(str(self.dest)):
+            fsutil.umount(str(self.dest))
+        _stop_daemon(self.pid, self.lower, self.started or None)
+        if self.created_dest:
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(self.dest)
+        if self.dir.exists():
+            fsutil.rmtree_at_path(self.dir)
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks ("" if it is gone or a zombie): with the pid, an
+    identity that survives pid reuse."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+    return "" if fields[0] in ("Z", "X") else fields[19]
+
+
+def _alive(pid: int, started: str | None = None) -> bool:
+    now = _start_time(pid)
+    return bool(now) and (started is None or now == started)
+
+
+def _stop_daemon(pid: int, lower: Path, started: str | None = None) -> None:
+    if fsutil.is_mountpoint(str(lower)):
+        # fusermount3 -u makes the daemon's main loop return; it then exits by itself.
+        if subprocess.run(["fusermount3", "-u", str(lower)], capture_output=True).returncode != 0:
+            with contextlib.suppress(OSError):
+                fsutil.umount(str(lower), fsutil.MNT_DETACH)
+    deadline = time.monotonic() + 5
+    while pid and _alive(pid, started) and time.monotonic() < deadline:
+        _reap(pid)
+        time.sleep(0.02)
+    if pid and _alive(pid, started):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _reap(pid)
+    if fsutil.is_mountpoint(str(lower)):
+        with contextlib.suppress(OSError):
+            fsutil.umount(str(lower), fsutil.MNT_DETACH)
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def make_lazy_snapshot(store: Store, ref: str, dest: str | os.PathLike, *, snapshot_id: str | None = None,
+                       whole: bool = False, prefetch: str | None = None, record: str | None = None,
+                       timeout: float | None = None, fork: bool = False,
+                       amplify: int | None = None) -> LazySnapshot:
+    """Mount the lazily pulled image `ref` at `dest` (an empty or new directory).
+
+    The file system is served by a daemon process: a new interpreter by default, or with
+    `fork` a child of this process, which skips Python's start-up and imports (~0.3 s) - for
+    long-lived callers without threads that could hold locks across the fork.  `amplify`: see
+    LazyFS (bytes of neighbouring chunks fetched along with a miss; default 1 MiB)."""
+    dest = Path(dest).absolute()
+    sid = snapshot_id or secrets.token_hex(8)
+    sdir = store.snapshot_dir(sid)
+    try:
+        sdir.mkdir(parents=True)
+    except FileExistsError:
+        raise SnapshotError(f"snapshot {sid!r} already exists") from None
+    created = False
+    snap: LazySnapshot | None = None
+    try:
+        if dest.exists():
+            if not dest.is_dir() or dest.is_symlink() or any(dest.iterdir()):
+                raise SnapshotError(f"snapshot destination {dest} is not an empty directory")
+        else:
+            dest.mkdir()
+            created = True
+        for sub in ("lower", "upper", "work"):
+            (sdir / sub).mkdir()
+        pid = _start_daemon(store, ref, sdir, whole=whole, prefetch=prefetch, record=record, timeout=timeout,
+                            fork=fork, amplify=amplify)
+        snap = LazySnapshot(sid, dest, ref, pid, store, created, _start_time(pid))
+        store.put_snapshot_record(sid, snap.record())
+        fsutil.mount("overlay", str(dest), "overlay", 0,
+                     f"lowerdir={sdir / 'lower'},upperdir={sdir / 'upper'},workdir={sdir / 'work'}")
+        return snap
+    except BaseException:
+        if snap is not None:
+            snap.remove()
+        else:
+            if created:
+                shutil.rmtree(dest, ignore_errors=True)
+            shutil.rmtree(sdir, ignore_errors=True)
+        raise
+
+
+def _start_daemon(store: Store, ref: str, sdir: Path, *, whole: bool, prefetch: str | None,
+                  record: str | None, timeout: float | None, fork: bool = False,
+                  amplify: int | None = None) -> int:
+    r, w = os.pipe()
+    cmd = ["--store", str(store.root), "--ref", ref,
+           "--mountpoint", str(sdir / "lower"), "--ready-fd", str(w), "--stats", str(sdir / "stats.json")]
+    if whole:
+        cmd.append("--whole")
+    if prefetch:
+        cmd += ["--prefetch", prefetch]
+    if record:
+        cmd += ["--record", record]
+    if timeout is not None:
+        cmd += ["--timeout", str(timeout)]
+    if amplify is not None:
+        cmd += ["--amplify", str(amplify)]
+    if fork:
+        pid = _fork_daemon(cmd, sdir / "daemon.log", r, w)
+        proc = None
+    else:
+        env = dict(os.environ)
+        pkg_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        with open(sdir / "daemon.log", "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "puller.lazy.daemon", *cmd], stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=log, pass_fds=(w,), start_new_session=True, env=env)
+        pid = proc.pid
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], READY_TIMEOUT)
+        line = os.read(r, 64) if ready else b""
+    finally:
+        os.close(r)
+    if line.startswith(b"ready"):
+        return pid
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    if proc is not None:
+        proc.wait()
+    else:
+        os.waitpid(pid, 0)
+    _stop_daemon(0, sdir / "lower")
+    tail = (sdir / "daemon.log").read_text(errors="replace")[-1500:]
+    raise SnapshotError(f"lazy file system for {ref} did not start: {tail}")
+
+
+def _fork_daemon(argv: list[str], log: Path, r: int, w: int) -> int:
+    from . import daemon  # imported before the fork: the child must not pay for it
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        os.setsid()
+        os.close(r)
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        code = daemon.main(argv)
+    except BaseException:  # noqa: BLE001 - the child must never return into the caller's code
+        import traceback
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def load_lazy_snapshot(store: Store, snapshot_id: str) -> LazySnapshot | None:
+    rec = store.get_snapshot_record(snapshot_id)
+    if rec is None or rec.get("mode") != "lazy":
+        return None
+    return LazySnapshot(rec["id"], Path(rec["dest"]), rec["ref"], rec["pid"], store, rec.get("created_dest", False),
+                        rec.get("started", ""))
