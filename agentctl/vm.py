@@ -335,8 +335,9 @@ def start_relay(st: VMState, state_dir: Path, timeout: float = 15.0) -> None:
     log = open(state_dir / "relay.log", "ab")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    upstream = st.server_addr[len("unix://"):] if st.server_addr.startswith("unix://") else st.server_addr
     p = subprocess.Popen([sys.executable, "-m", "agentctl.vmrelay", "--upstream",
-                          st.server_addr[len("unix://"):], "--listen", str(listen)],
+                          upstream, "--listen", str(listen)],
                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                          start_new_session=True, close_fds=True)
     log.close()
@@ -380,7 +381,9 @@ def up(spec: VMSpec, state_dir: Path, retries: int = 1, mux: bool = False) -> VM
     for attempt in range(1, retries + 2):
         try:
             st = _boot_once(spec, state_dir, accel, channel, attempt)
-            if mux and channel == "virtio-serial":
+            # vsock: clients reach the guest through the relay's unix socket, so the printed
+            # server-addr is always one any ttRPC client can dial
+            if mux or channel == "vsock":
                 try:
                     start_relay(st, state_dir)
                 except VMError:
@@ -470,7 +473,9 @@ def add_parser(sub) -> None:
                            help="leave the guest NIC unconfigured (default: 10.0.2.15/24 via 10.0.2.2)")
             p.add_argument("--mux", action="store_true",
                            help="serve many clients at once through a ttRPC relay "
-                                "(server-addr is then the relay's socket)")
+                                "(server-addr is then the relay's socket); the default")
+            p.add_argument("--direct", action="store_true",
+                           help="hand out QEMU's chardev socket itself (one client at a time)")
         if name == "down":
             p.add_argument("--timeout", type=float, default=30.0, dest="down_timeout")
 
@@ -503,7 +508,7 @@ def main(args: argparse.Namespace) -> int:
                 cmdline += " " + args.append
             spec = VMSpec(kernel=k, initrd=i, cmdline=cmdline, memory_mib=args.memory,
                           cpus=args.cpus, accel=args.accel, boot_timeout=args.boot_timeout)
-            st = up(spec, state_dir, mux=args.mux)
+            st = up(spec, state_dir, mux=args.mux or not args.direct)
             if not args.no_network:
                 try:
                     configure_user_network(st.server_addr)

@@ -1,6 +1,6 @@
 """A ttRPC multiplexer in front of the guest's single virtio-serial channel.
 
-    python -m agentctl.vmrelay --upstream PATH --listen PATH
+    python -m agentctl.vmrelay --upstream PATH|vsock://CID:PORT --listen PATH
 
 QEMU's chardev socket takes one client at a time, and a client that leaves mid-call can leave
 an answer in the channel for the next one. The relay holds the one upstream connection for
@@ -118,7 +118,11 @@ async def read_frames(stream):
 
 
 async def run(upstream: str, listen: str) -> None:
-    up = await trio.open_unix_socket(upstream)
+    from agent.ttrpc.transport import connect
+
+    # A path is QEMU's chardev socket; an address may also be vsock://CID:PORT, so a guest on
+    # vhost-vsock is reached through the same unix socket any ttRPC client can dial.
+    up = await connect(upstream if "://" in upstream else f"unix://{upstream}")
     try:
         os.unlink(listen)
     except FileNotFoundError:
@@ -145,7 +149,8 @@ async def run(upstream: str, listen: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="agentctl.vmrelay", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--upstream", required=True, help="QEMU's chardev unix socket")
+    ap.add_argument("--upstream", required=True,
+                    help="QEMU's chardev unix socket (a path), or an agent address such as vsock://3:1024")
     ap.add_argument("--listen", required=True, help="unix socket path for clients")
     a = ap.parse_args(argv)
     try:

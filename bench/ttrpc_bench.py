@@ -95,7 +95,7 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="ttrpc-bench-")
     ours_sock, go_sock = f"{tmp}/ours.sock", f"{tmp}/go.sock"
     ours = subprocess.Popen([sys.executable, "-m", "agent", "--server-addr", f"unix://{ours_sock}",
-                             "--log-level", "warning"], cwd=REPO)
+                             "--log-level", "warning"], cwd=REPO, stderr=subprocess.DEVNULL)
     go = gopeer.start_server(peer, go_sock)
     try:
         wait_for(ours_sock, ours)

@@ -85,7 +85,8 @@ def cmd_pull(a: argparse.Namespace) -> dict:
     from .store import Store
 
     os.makedirs(a.store, exist_ok=True)
-    confine_to_store(a.store)
+    if not a.in_container:
+        confine_to_store(a.store)
     creds = os.environ.pop("PULLER_CREDS", "")
     opts = PullOptions(
         platform=Platform.parse(a.platform) if a.platform else None,
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--platform")
     q.add_argument("--plain-http", action="append")
     q.add_argument("--auth-file")
+    q.add_argument("--in-container", action="store_true",
+                   help="already confined as the helper container: skip the self-confinement")
     q.add_argument("--timeout", type=float, default=20.0, help="bound of each registry request, retries included")
     q.add_argument("--lazy", action="store_true", help="fetch only lazy-pull metadata (full pull if there is none)")
     q = sub.add_parser("snapshot")

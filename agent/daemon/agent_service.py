@@ -36,7 +36,8 @@ log = logging.getLogger("agent.daemon")
 
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}\Z")
 EMPTY = empty_pb2.Empty
-STORAGE_DRIVERS = ("local", "ephemeral", "bind", "virtio-fs", "virtiofs", "blk", "virtio-blk", "scsi", "9p")
+STORAGE_DRIVERS = ("local", "ephemeral", "bind", "virtio-fs", "virtiofs", "blk", "virtio-blk", "scsi", "9p",
+                   "image_guest_pull")
 
 
 def _bad(msg: str) -> TTRPCError:
@@ -341,7 +342,7 @@ class AgentService:
         if "process" not in spec or not spec["process"].get("args"):
             raise _bad(f"container {cid!r}: OCI.Process.Args is empty")
         root = spec["root"]["path"]
-        if not root.startswith("/"):
+        if not root.startswith("/") and not any(st.driver == "image_guest_pull" for st in req.storages):
             raise _bad(f"container {cid!r}: OCI.Root.Path {root!r} must be an absolute path")
         linux = spec.setdefault("linux", {})
         linux.setdefault("cgroupsPath", f"/sandbox-agent/{cid}")
@@ -354,8 +355,12 @@ class AgentService:
             shutil.rmtree(bundle, ignore_errors=True)
             os.mkdir(bundle, 0o711)
         mounts: list[str] = []
+        pulled = [st for st in req.storages if st.driver == "image_guest_pull"]
+        others = [st for st in req.storages if st.driver != "image_guest_pull"]
         try:
-            mounts = await self._mount_storages(req.storages, cid)
+            for st in pulled:
+                spec["root"]["path"] = await self._guest_pull(cid, st, spec["root"]["path"])
+            mounts = await self._mount_storages(others, cid)
             with open(os.path.join(bundle, "config.json"), "w") as f:
                 json.dump(spec, f)
             proc = Process(cid, "")
@@ -371,6 +376,11 @@ class AgentService:
             for target in reversed(mounts):
                 await self._umount(target)
             shutil.rmtree(bundle, ignore_errors=True)
+            if pulled and self._snapshots.pop(cid, None) is not None:
+                try:
+                    await self.init.call("unsnapshot", {"container_id": cid})
+                except (InitError, InitGone):
+                    pass
             raise
         self.events.record("created", cid, pid=proc.pid)
         return EMPTY()
@@ -572,6 +582,29 @@ class AgentService:
             resp.lazy = bool(snap.get("lazy", resp.lazy))
             resp.runtime_config_json = json.dumps(snap.get("config", {}))
         return resp
+
+    async def _guest_pull(self, cid: str, st: agent_pb2.Storage, root: str) -> str:
+        """Kata's `image_guest_pull` storage: the image named by `source` is pulled inside the
+        sandbox and becomes the container's rootfs. Options (ours): `insecure=HOST:PORT`
+        (plain HTTP), `lazy`, `platform=OS/ARCH`. Returns the rootfs path to use."""
+        image = st.source
+        insecure, lazy, platform = [], False, ""
+        for opt in list(st.options) + list(st.driver_options):
+            key, _, val = opt.partition("=")
+            if key in ("insecure", "insecure_registry"):
+                insecure.append(val)
+            elif key == "lazy":
+                lazy = val in ("", "1", "true", "yes")
+            elif key == "platform":
+                platform = val
+        req = agent_pb2.PullImageRequest(image=image, container_id=cid, insecure_registries=insecure,
+                                         lazy=lazy, platform=platform)
+        resp = await self.PullImage(None, req)
+        if root not in ("", "rootfs") and st.mount_point and root != st.mount_point \
+                and not root.startswith(st.mount_point.rstrip("/") + "/"):
+            raise _bad(f"container {cid!r}: image_guest_pull storage mounts at {st.mount_point!r} "
+                       f"but OCI.Root.Path is {root!r}")
+        return resp.rootfs
 
     # ---- stdio ---------------------------------------------------------------------------
     async def _read(self, req: agent_pb2.ReadStreamRequest, which: str) -> agent_pb2.ReadStreamResponse:

@@ -10,8 +10,12 @@ from agent.version import AGENT_VERSION, API_VERSION
 class HealthService:
     SERVICE = "grpc.Health"
 
-    async def Check(self, ctx: CallContext, req: health_pb2.CheckRequest) -> health_pb2.HealthCheckResponse:
+    # Plain functions: answered inline by the connection's reader (see ttrpc.Method.inline);
+    # a runtime polls Check often and it needs nothing but memory.
+    INLINE = ("Check", "Version")
+
+    def Check(self, ctx: CallContext, req: health_pb2.CheckRequest) -> health_pb2.HealthCheckResponse:
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
-    async def Version(self, ctx: CallContext, req: health_pb2.CheckRequest) -> health_pb2.VersionCheckResponse:
+    def Version(self, ctx: CallContext, req: health_pb2.CheckRequest) -> health_pb2.VersionCheckResponse:
         return health_pb2.VersionCheckResponse(grpc_version=API_VERSION, agent_version=AGENT_VERSION)

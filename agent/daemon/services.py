@@ -32,7 +32,8 @@ def bind(server: Server, implementations: Mapping[str, object]) -> list[str]:
             fn = _unimplemented(info)
         else:
             implemented.append(f"{service}/{name}")
-        by_service.setdefault(service, {})[name] = Method(info.request_cls, fn)
+        inline = name in getattr(impl, "INLINE", ())
+        by_service.setdefault(service, {})[name] = Method(info.request_cls, fn, inline)
     for service, methods in by_service.items():
         server.register_service(service, methods)
     return implemented

@@ -59,9 +59,15 @@ class Job:
 
 
 def runtime_argv(name: str) -> list[str]:
-    """The OCI runtime command line prefix. Our launcher runs from this interpreter."""
+    """The OCI runtime command line prefix. Our launcher runs from this interpreter, started
+    with -I -S: site (and an editable install's finder) costs more than the launcher's own
+    imports, so the paths it needs are given to it directly."""
     if name in ("oci-launcher", "agent.oci_launcher"):
-        return [sys.executable, "-m", "agent.oci_launcher"]
+        pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        paths = [pkg_root] + [p for p in sys.path if p and p != pkg_root and os.path.isdir(p)]
+        boot = (f"import sys;sys.path[:0]={paths!r};"
+                "from agent.oci_launcher import main;sys.exit(main())")
+        return [sys.executable, "-I", "-S", "-c", boot]
     return [name]
 
 

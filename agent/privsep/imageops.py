@@ -22,7 +22,56 @@ IMAGES_DIR = "images"    # the store: blobs, layers, snapshot records
 ROOTFS_DIR = "rootfs"
 # A big image over a slow link takes a while; the puller bounds each request itself
 # (a dead registry fails in seconds), this only stops a wedged job.
-PULL_JOB_TIMEOUT = 1800.0    # <run_dir>/rootfs/<container id>: pulled images' rootfs mounts
+PULL_JOB_TIMEOUT = 1800.0
+# The puller helper container's root file system, baked into the guest image (guest-image/
+# stage.py): an interpreter and the puller, no agent code. Where it is missing (a development
+# host) the puller runs as a self-confined job instead (puller.agentjob.confine_to_store).
+PULLER_ROOTFS = "/opt/puller-rootfs"
+PULLER_PYTHON = "/usr/bin/python3.11"
+# What unpacking a rootfs needs: ownership, modes on others' files, setuid bits, device nodes
+# and whiteouts, file capabilities, trusted.* xattrs (overlay opaque dirs; hence SYS_ADMIN,
+# whose mount powers the seccomp profile below takes away again).
+PULLER_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_MKNOD", "CAP_SETFCAP",
+               "CAP_SYS_ADMIN"]
+PULLER_DENIED_SYSCALLS = [
+    "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen", "fsmount", "fsconfig",
+    "fspick", "mount_setattr", "unshare", "setns", "ptrace", "process_vm_readv", "process_vm_writev", "bpf",
+    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load", "reboot", "swapon",
+    "swapoff", "open_by_handle_at", "name_to_handle_at", "keyctl", "add_key", "request_key", "sethostname",
+    "setdomainname", "settimeofday", "clock_settime", "quotactl", "perf_event_open", "userfaultfd", "iopl",
+    "ioperm", "syslog", "acct", "vhangup",
+]
+
+
+def puller_container_config(store: str, args: list[str], env: list[str]) -> dict:
+    """The OCI config of the puller helper container: its own read-only root, the image store
+    the only writable place besides a tmpfs, the guest's network, few capabilities."""
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=1m"]},
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "size=64m"]},
+        {"destination": "/store", "type": "bind", "source": store, "options": ["rbind", "rw", "nosuid"]},
+    ]
+    if os.path.exists("/etc/resolv.conf"):
+        mounts.append({"destination": "/etc/resolv.conf", "type": "bind", "source": "/etc/resolv.conf",
+                       "options": ["bind", "ro"]})
+    return {
+        "ociVersion": "1.0.2",
+        "process": {"args": args, "env": env, "cwd": "/", "user": {"uid": 0, "gid": 0},
+                    "capabilities": {k: PULLER_CAPS for k in ("bounding", "effective", "permitted")},
+                    "noNewPrivileges": True},
+        "root": {"path": PULLER_ROOTFS, "readonly": True},
+        "hostname": "puller",
+        "mounts": mounts,
+        "linux": {
+            # no network namespace: the puller uses the guest's network to reach the registry
+            "namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "uts")],
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug", "/sys/firmware"],
+            "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger", "/proc/bus", "/proc/irq"],
+            "seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
+                        "syscalls": [{"names": PULLER_DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]},
+        },
+    }    # <run_dir>/rootfs/<container id>: pulled images' rootfs mounts
 
 
 @record(frozen=True)
@@ -156,19 +205,66 @@ def _json_job(sandbox, argv: list[str], what: str, env: dict | None = None):
     return Job(pid, finish, out_r=r)
 
 
+def _pull_args(op: PullImage, store: str) -> list[str]:
+    argv = ["pull", op.image, "--store", store]
+    if op.platform:
+        argv += ["--platform", op.platform]
+    for h in op.insecure:
+        argv += ["--plain-http", h]
+    if op.lazy:
+        argv.append("--lazy")
+    return argv
+
+
+_pull_seq = 0
+
+
+def _pull_in_container(sandbox, op: PullImage, store: str):
+    """The puller as a helper container run by the OCI runtime (`run`: create, start, wait);
+    its stdout, the job's answer, comes through the runtime to init."""
+    global _pull_seq
+    _pull_seq += 1
+    cid = f"puller-{os.getpid()}-{_pull_seq}"
+    bundle = os.path.join(sandbox.state_dir, "bundles", cid)
+    os.makedirs(bundle, mode=0o700)
+    os.makedirs(store, exist_ok=True)
+    args = [PULLER_PYTHON, "-I", "-m", "puller.agentjob"] + _pull_args(op, "/store") + ["--in-container"]
+    env = ["PATH=/usr/bin:/bin", "HOME=/root"] + ([f"PULLER_CREDS={op.creds}"] if op.creds else [])
+    cfg = puller_container_config(store, args, env)
+    cfg["linux"]["cgroupsPath"] = f"/sandbox-agent/{cid}"
+    fd = os.open(os.path.join(bundle, "config.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(cfg, f)
+    argv = sandbox._rt(None, "run", "--bundle", bundle, cid)
+    job = _json_job(sandbox, argv, f"pull of {op.image} (puller container)")
+    job.timeout = PULL_JOB_TIMEOUT
+    inner = job.finish
+
+    def finish(j):
+        import shutil
+        try:
+            return inner(j)
+        finally:
+            shutil.rmtree(bundle, ignore_errors=True)
+            # `run` deletes the container when it exits; a killed run may leave it behind
+            pid = sandbox._spawn(sandbox._rt(None, "delete", "--force", cid), [None, None, None])
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+    job.finish = finish
+    return job
+
+
 def handle(sandbox, op, fds: list[int]):
     from .handlers import OpError, Reply
 
     store = os.path.join(sandbox.run_dir, IMAGES_DIR)
     py = [sys.executable, "-m", "puller.agentjob"]
     if isinstance(op, PullImage):
-        argv = py + ["pull", op.image, "--store", store]
-        if op.platform:
-            argv += ["--platform", op.platform]
-        for h in op.insecure:
-            argv += ["--plain-http", h]
-        if op.lazy:
-            argv.append("--lazy")  # metadata only when the image has a lazy index; else a full pull
+        if os.path.isfile(PULLER_ROOTFS + PULLER_PYTHON):
+            return _pull_in_container(sandbox, op, store)
+        argv = py + _pull_args(op, store)
         # credentials by environment, not argv: /proc/<pid>/cmdline is readable by anyone
         job = _json_job(sandbox, argv, f"pull of {op.image}", {"PULLER_CREDS": op.creds} if op.creds else None)
         job.timeout = PULL_JOB_TIMEOUT

@@ -82,6 +82,14 @@ class FrameReader:
             buf += data
         return True
 
+    def has_frame(self) -> bool:
+        """Whether the next read() can complete from what is buffered, without waiting."""
+        buf = self._buf
+        if len(buf) < HEADER_SIZE:
+            return False
+        length = int.from_bytes(buf[:4], "big")
+        return length > MAX_MESSAGE or len(buf) >= HEADER_SIZE + length
+
     async def read(self) -> Frame | None:
         """The next frame, or None at a clean end of stream."""
         if not await self._fill(HEADER_SIZE):

@@ -57,6 +57,10 @@ Handler = Callable[[CallContext, Message], Awaitable[Message]]
 class Method:
     request_cls: type[Message]
     handler: Handler
+    # A plain (not async) handler that answers at once from memory, such as a health check:
+    # it runs on the connection's reader without a task of its own, and its answers to a
+    # burst of requests leave in one write. It must never block.
+    inline: bool = False
 
 
 @dataclass(slots=True)
@@ -75,8 +79,9 @@ class Server:
         self.stats = _Stats()
 
     # registration -------------------------------------------------------------------
-    def register(self, service: str, method: str, request_cls: type[Message], handler: Handler) -> None:
-        self._services.setdefault(service, {})[method] = Method(request_cls, handler)
+    def register(self, service: str, method: str, request_cls: type[Message], handler: Handler, *,
+                 inline: bool = False) -> None:
+        self._services.setdefault(service, {})[method] = Method(request_cls, handler, inline)
 
     def register_service(self, service: str, methods: Mapping[str, Method]) -> None:
         self._services.setdefault(service, {}).update(methods)
@@ -184,7 +189,8 @@ class _RawSocket:
 
 
 class _Connection:
-    __slots__ = ("server", "stream", "peer", "raw", "send_lock", "send_waiters", "inflight", "nursery", "closed")
+    __slots__ = ("server", "stream", "peer", "raw", "send_lock", "send_waiters", "inflight", "nursery", "closed",
+                 "outbuf")
 
     def __init__(self, server: Server, stream: trio.abc.Stream, peer: Any, raw: _RawSocket | None = None) -> None:
         self.server = server
@@ -196,6 +202,7 @@ class _Connection:
         self.inflight: set[int] = set()
         self.nursery: trio.Nursery | None = None
         self.closed = False
+        self.outbuf: list[bytes] = []  # answers of inline methods, written once per burst
 
     async def run(self) -> None:
         reader = fr.FrameReader(self.stream, receive=self.raw.receive if self.raw else None)
@@ -207,6 +214,10 @@ class _Connection:
                     if f is None:
                         break
                     self._on_frame(f)
+                    if self.outbuf and not reader.has_frame():
+                        data = b"".join(self.outbuf)
+                        self.outbuf.clear()
+                        await self._send_data(data)
             except fr.FrameError as exc:
                 self.server.stats.bad_frames += 1
                 log.info("closing connection: %s", exc)
@@ -244,15 +255,45 @@ class _Connection:
         if len(self.inflight) >= MAX_INFLIGHT:
             self._reply_error(sid, Code.RESOURCE_EXHAUSTED, f"more than {MAX_INFLIGHT} calls in flight on this connection")
             return
+        method = self.server._services.get(req.service, {}).get(req.method)
+        if method is not None and method.inline:
+            self.outbuf.append(fr.pack_frame(sid, fr.TYPE_RESPONSE, self._call_inline(sid, req, method)))
+            return
         self.inflight.add(sid)
         self.nursery.start_soon(self._call, sid, req)
+
+    def _call_inline(self, sid: int, req: Request, method: Method) -> bytes:
+        self.server.stats.calls += 1
+        try:
+            try:
+                msg = method.request_cls.FromString(req.payload)
+            except DecodeError as exc:
+                raise TTRPCError(Code.INVALID_ARGUMENT,
+                                 f"{req.service}/{req.method}: cannot decode {method.request_cls.DESCRIPTOR.full_name}: {exc}")
+            md: dict[str, list[str]] = {}
+            for kv in req.metadata:
+                md.setdefault(kv.key.lower(), []).append(kv.value)
+            deadline = trio.current_time() + req.timeout_nano / 1e9 if req.timeout_nano > 0 else math.inf
+            payload = method.handler(CallContext(req.service, req.method, sid, md, deadline, self.peer), msg).SerializeToString()
+            if len(payload) + 16 > fr.MAX_MESSAGE:
+                raise TTRPCError(Code.RESOURCE_EXHAUSTED, f"{req.service}/{req.method}: response too large")
+            return _ok_response(payload)
+        except Exception as exc:  # noqa: BLE001 - a handler bug must answer, not kill the server
+            code, message = status_of(exc)
+            if code in (Code.UNKNOWN, Code.INTERNAL):
+                log.exception("%s/%s failed", req.service, req.method)
+            self.server.stats.errors += 1
+            return Response(status=Status(code=int(code), message=message)).SerializeToString()
 
     def _reply_error(self, sid: int, code: Code, message: str) -> None:
         resp = Response(status=Status(code=int(code), message=message))
         self.nursery.start_soon(self._send, sid, resp.SerializeToString())
 
     async def _send(self, sid: int, payload: bytes) -> None:
-        data = fr.pack_frame(sid, fr.TYPE_RESPONSE, payload)
+        await self._send_data(fr.pack_frame(sid, fr.TYPE_RESPONSE, payload))
+
+    async def _send_data(self, data: bytes) -> None:
+        """Write whole frames; concurrent writers never interleave bytes."""
         if self.closed:
             return
         self.send_waiters += 1

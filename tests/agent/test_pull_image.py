@@ -124,3 +124,22 @@ def test_lazy_pull_image_then_run_it(agent, image):
         assert not os.path.ismount(r.rootfs)
 
     run(agent, body, timeout=240)
+
+
+def test_image_guest_pull_storage(agent, image):
+    """Kata's image_guest_pull storage driver: CreateContainer names the image, the agent pulls
+    it inside the sandbox and runs the container from it."""
+    reg, ref, _ = image
+
+    async def body(c):
+        ctr = spec("/run/kata-containers/igp/rootfs", ["/bin/sh", "-c", "cat /hello.txt"])
+        ctr["root"]["readonly"] = False
+        st = agent_pb2.Storage(driver="image_guest_pull", source=ref, mount_point="/run/kata-containers/igp/rootfs",
+                               options=[f"insecure={reg.host}"])
+        await C.create(c, "igp", ctr, storages=[st])
+        await C.start(c, "igp")
+        assert await C.read_all(c, "igp") == b"hello from the image\n"
+        assert await C.wait(c, "igp") == 0
+        await C.remove(c, "igp")
+
+    run(agent, body, timeout=240)

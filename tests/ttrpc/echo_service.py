@@ -54,6 +54,12 @@ def make_server(state: EchoState | None = None) -> Server:
     async def big(ctx: CallContext, req: KeyValue) -> KeyValue:
         return KeyValue(key="big", value="x" * int(req.value))
 
+    def quick(ctx: CallContext, req: KeyValue) -> KeyValue:
+        if req.key == "boom":
+            raise RuntimeError("inline handler bug")
+        return KeyValue(key=req.key, value=str(ctx.stream_id))
+
+    server.register(SERVICE, "Quick", KeyValue, quick, inline=True)
     for name, fn in {"Echo": echo, "Sleep": sleep, "Metadata": metadata, "Deadline": deadline,
                      "Fail": fail, "Big": big}.items():
         server.register(SERVICE, name, KeyValue, fn)

@@ -87,7 +87,7 @@ def test_random_bytes_never_crash(chunks):
 
 _good = st.builds(
     lambda sid, method, key: _frame(sid * 2 + 1, _request(method, key)),
-    st.integers(0, 1000), st.sampled_from(["Echo", "Nope", "Fail", "Metadata"]), st.text(max_size=20),
+    st.integers(0, 1000), st.sampled_from(["Echo", "Nope", "Fail", "Metadata", "Quick"]), st.text(max_size=20),
 )
 
 
@@ -123,7 +123,7 @@ def test_mutated_frames_never_crash(chunks):
 
 
 @SETTINGS
-@given(st.lists(st.tuples(st.integers(0, 2**32 - 1), st.sampled_from(["Echo", "Sleep", "Deadline"]),
+@given(st.lists(st.tuples(st.integers(0, 2**32 - 1), st.sampled_from(["Echo", "Sleep", "Deadline", "Quick"]),
                           st.integers(0, 10**9)), min_size=1, max_size=20))
 def test_every_wellformed_request_gets_exactly_one_answer(calls):
     """Unique odd stream ids each get one response; sleepers are cut off by their deadline."""

@@ -287,3 +287,30 @@ def test_abstract_unix_socket():
                 n.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_inline_methods_answer_bursts_and_errors(sock_path):
+    """Inline (plain function) methods answer on the reader, in order with the rest, and a
+    burst of them leaves in one write; their errors map to codes like any handler's."""
+    async def body(server, state):
+        async with open_client(f"unix://{sock_path}") as c:
+            got = []
+
+            async def quick(i):
+                r = await c.call(SERVICE, "Quick", KeyValue(key=str(i)), KeyValue)
+                got.append(int(r.key))
+
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda: c.call(SERVICE, "Sleep", KeyValue(value="0.3"), KeyValue))
+                for i in range(200):
+                    n.start_soon(quick, i)
+            assert sorted(got) == list(range(200))
+            with pytest.raises(TTRPCError) as ei:
+                await c.call(SERVICE, "Quick", KeyValue(key="boom"), KeyValue)
+            assert ei.value.code == Code.UNKNOWN and "inline handler bug" in ei.value.message
+            with pytest.raises(TTRPCError) as ei:
+                await c.call_raw(SERVICE, "Quick", b"\x0a\xff")
+            assert ei.value.code == Code.INVALID_ARGUMENT
+            assert (await c.call(SERVICE, "Quick", KeyValue(key="after"), KeyValue)).key == "after"
+
+    run_with_server(sock_path, body)
