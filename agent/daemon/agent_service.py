@@ -708,16 +708,25 @@ class AgentService:
     async def CopyFile(self, ctx: CallContext, req: agent_pb2.CopyFileRequest) -> EMPTY:
         """Write a chunk of a file the host copies in (Kata sends files of shared dirs this
         way when virtio-fs is off). Only beneath the sandbox's run dir."""
-        path = os.path.normpath(req.path)
-        base = os.path.realpath(self.run_dir)
         if not req.path.startswith("/") or "\0" in req.path:
             raise _bad(f"copy file: path {req.path[:200]!r} must be absolute")
-        parent = os.path.realpath(os.path.dirname(path))
-        if parent != base and not parent.startswith(base + "/") and not path.startswith(base + "/"):
+        path = os.path.normpath(req.path)
+        base = os.path.realpath(self.run_dir)
+
+        def inside(p: str) -> bool:
+            return p == base or p.startswith(base + "/")
+
+        if not inside(path):
             raise TTRPCError(Code.PERMISSION_DENIED, f"copy file: {req.path[:200]!r} is outside {base}")
+        # the deepest part that exists must resolve inside too: a symlink planted in the run
+        # dir cannot carry the copy out of it
+        anc = os.path.dirname(path)
+        while not os.path.lexists(anc):
+            anc = os.path.dirname(anc)
+        if not inside(os.path.realpath(anc)):
+            raise TTRPCError(Code.PERMISSION_DENIED, f"copy file: {req.path[:200]!r} resolves outside {base}")
         os.makedirs(os.path.dirname(path), mode=req.dir_mode or 0o750, exist_ok=True)
-        parent = os.path.realpath(os.path.dirname(path))
-        if parent != base and not parent.startswith(base + "/"):
+        if not inside(os.path.realpath(os.path.dirname(path))):
             raise TTRPCError(Code.PERMISSION_DENIED, f"copy file: {req.path[:200]!r} resolves outside {base}")
         mode = req.file_mode
         if st.S_ISDIR(mode):

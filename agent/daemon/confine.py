@@ -75,6 +75,9 @@ ALLOW_SYSCALLS = (
     "newfstatat", "fstat", "statx", "lseek", "getdents64", "readlink", "readlinkat",
     "access", "faccessat2", "fcntl", "getcwd", "mkdirat", "mkdir", "unlink", "unlinkat",
     "rename", "renameat", "renameat2", "rmdir", "ftruncate", "fsync", "fdatasync", "fchmod",
+    # CopyFile writes chunks at offsets, sets modes and makes symlinks (Landlock keeps all of
+    # it beneath the run dir)
+    "pwrite64", "chmod", "fchmodat", "symlink", "symlinkat",
     "dup", "dup2", "dup3", "pipe2", "fstatfs", "umask",
     "mmap", "munmap", "mprotect", "mremap", "brk", "madvise",
     "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "poll", "ppoll",
