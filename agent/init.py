@@ -276,11 +276,15 @@ class Init:
             except BlockingIOError:
                 return
             except wire.ProtocolError as e:  # our reply too large: say so instead
+                for fd in fds:  # the error goes without them, or the same error repeats forever
+                    os.close(fd)
                 msg = {"t": "rep", "id": msg.get("id", 0), "ok": False,
                        "error": {"field": "", "msg": str(e)}} if msg["t"] == "rep" else None
                 if msg is not None:
-                    d.outbox[0] = (msg, fds)
+                    d.outbox[0] = (msg, [])
                     continue
+                d.outbox.pop(0)
+                continue
             except OSError as e:  # EPIPE and kin: the daemon is going; SIGCHLD will follow
                 self.log.warn("daemon channel broken", error=str(e))
                 self._drop_channel()

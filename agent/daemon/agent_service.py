@@ -94,10 +94,26 @@ class AgentService:
     async def restore(self) -> None:
         """After a daemon restart: containers and processes init knows, with their statuses."""
         try:
-            table = (await self.init.call("table")).result
+            rep = await self.init.call("table")
         except (InitError, InitGone) as exc:
             log.warning("cannot read init's process table: %s", exc)
             return
+        table = rep.result
+        for fd in rep.fds:
+            os.close(fd)
+        # the stdio ends init kept for us, two processes per request (fds per packet are capped)
+        kept: dict[str, dict[str, int]] = {}
+        fds: list[int] = []
+        pids = [p for p in table.get("kept", []) if isinstance(p, int)]
+        for i in range(0, len(pids), 2):
+            try:
+                part = await self.init.call("kept", {"pids": pids[i:i + 2]})
+            except (InitError, InitGone) as exc:
+                log.warning("cannot take back stdio of %s: %s", pids[i:i + 2], exc)
+                continue
+            for pid, roles in part.result.get("stdio", {}).items():
+                kept[pid] = {role: len(fds) + idx for role, idx in roles.items()}
+            fds.extend(part.fds)
         for c in table.get("containers", []):
             cid = c["container_id"]
             if cid in self.sb.containers:
@@ -119,8 +135,15 @@ class AgentService:
                 cont.execs[p["exec_id"]] = proc
             proc.pid = p["pid"]
             self.sb.by_pid[proc.pid] = proc
+            for role, idx in kept.get(str(proc.pid), {}).items():
+                if role in ("stdin", "stdout", "stderr", "tty") and 0 <= idx < len(fds) and fds[idx] >= 0:
+                    setattr(proc, role, Stream(fds[idx], tty=role == "tty"))
+                    fds[idx] = -1
             if p.get("exited"):
                 self._exited(proc, p["exit_code"])
+        for fd in fds:  # ends of processes we no longer track
+            if fd >= 0:
+                os.close(fd)
         if table.get("containers"):
             log.info("restored %d containers from init", len(table["containers"]))
 
@@ -195,14 +218,19 @@ class AgentService:
 
     async def _spawn(self, op: str, args: dict, proc: Process, terminal: bool, what: str) -> None:
         stdio, child_fds = self._stdio_for(proc, terminal)
-        args = dict(args, terminal=terminal, stdio=stdio)
+        # copies of our output ends go to init too: a daemon restarted after a crash gets them
+        # back, and meanwhile the pipes stay open (a writer blocks, it does not get SIGPIPE).
+        # Not stdin's: a copy of its write end elsewhere would keep CloseStdin from giving EOF.
+        keep = [(role, os.dup(s.fd)) for role, s in (("stdout", proc.stdout), ("stderr", proc.stderr))
+                if s is not None]
+        args = dict(args, terminal=terminal, stdio=stdio, keep=[r for r, _ in keep])
         try:
-            rep = await self.init.call(op, args, fds=child_fds)
+            rep = await self.init.call(op, args, fds=child_fds + [fd for _, fd in keep])
         except (InitError, InitGone) as exc:
             proc.close_stdio()
             raise _init_error(exc, what) from None
         finally:
-            for fd in child_fds:
+            for fd in child_fds + [fd for _, fd in keep]:
                 os.close(fd)
         if terminal:
             if not rep.fds:
@@ -222,7 +250,10 @@ class AgentService:
             await self._refresh_exit(proc)
 
     async def _refresh_exit(self, proc: Process) -> None:
-        table = (await self.init.call("table")).result
+        rep = await self.init.call("table")
+        for fd in rep.fds:  # the table carries stdio ends for a restarted daemon; not needed here
+            os.close(fd)
+        table = rep.result
         for p in table.get("processes", []):
             if p["pid"] == proc.pid and p.get("exited"):
                 self._exited(proc, p["exit_code"])

@@ -100,6 +100,7 @@ class Sandbox:
         if daemon_ids is not None and os.geteuid() == 0:
             os.chown(self.daemon_dir, *daemon_ids)
         self.runtime = runtime_argv(runtime)
+        self.kept: dict[int, dict[str, int]] = {}  # pid -> role -> the daemon's end of its stdio
         self.table = table or ProcessTable()
         self._seq = 0
 
@@ -188,7 +189,8 @@ class Sandbox:
 
     def _run_process_job(self, kind: str, argv_tail: list[str], cid: str, exec_id: str,
                          terminal: bool, stdio: ops.Stdio, fds: list[int],
-                         on_ok: Callable[[int], None], on_fail: Callable[[], None]) -> Job:
+                         on_ok: Callable[[int], None], on_fail: Callable[[], None],
+                         keep: tuple[str, ...] = ()) -> Job:
         pid_file, log = self._tmp("pid"), self._tmp("log")
         console = console_path = None
         args = [kind]
@@ -201,6 +203,8 @@ class Sandbox:
             console_path = self._tmp("console")
             console = self._console(console_path)
             args += ["--console-socket", console_path]
+        kept_fds = dict(zip(keep, fds[stdio.count:]))  # the daemon's ends, held for a restart
+        fds = fds[:stdio.count]
         it = iter(fds)
         child_stdio = [next(it) if stdio.stdin else None, next(it) if stdio.stdout else None,
                        next(it) if stdio.stderr else None]
@@ -210,10 +214,13 @@ class Sandbox:
             if console is not None:
                 console.close()
                 os.unlink(console_path)
+            for fd in kept_fds.values():
+                os.close(fd)
             on_fail()
             raise OpError("", f"cannot run the OCI runtime {self.runtime[0]!r}: {e}") from None
 
         def finish(job: Job) -> Reply:
+            ok = False
             try:
                 if job.status != 0:
                     if job.master_fd is not None:
@@ -229,11 +236,18 @@ class Sandbox:
                     raise OpError("", f"runtime {kind} of {cid!r} left no pid file: {e}")
                 proc = self.table.register(cpid, cid, exec_id)
                 on_ok(cpid)
+                if job.master_fd is not None:
+                    kept_fds["tty"] = os.dup(job.master_fd)
+                self.kept[cpid] = kept_fds
+                ok = True
                 res = {"pid": cpid}
                 if proc.status is not None:
                     res["already_exited"] = True
                 return Reply(res, [job.master_fd] if job.master_fd is not None else [])
             finally:
+                if not ok:
+                    for fd in kept_fds.values():
+                        os.close(fd)
                 for p in (pid_file, log):
                     try:
                         os.unlink(p)
@@ -298,7 +312,7 @@ class Sandbox:
         return self._run_process_job(
             "create", [op.bundle], op.container_id, "", op.terminal, op.stdio, fds,
             on_ok=lambda pid: None,
-            on_fail=lambda: self.table.containers.pop(op.container_id, None))
+            on_fail=lambda: self.table.containers.pop(op.container_id, None), keep=op.keep)
 
     def op_start(self, op: ops.Start, fds: list[int]) -> Job:
         c = self._container(op.container_id)
@@ -321,7 +335,7 @@ class Sandbox:
         c.execs.add(op.exec_id)
         return self._run_process_job(
             "exec", [op.process], op.container_id, op.exec_id, op.terminal, op.stdio, fds,
-            on_ok=lambda pid: None, on_fail=lambda: c.execs.discard(op.exec_id))
+            on_ok=lambda pid: None, on_fail=lambda: c.execs.discard(op.exec_id), keep=op.keep)
 
     def op_signal(self, op: ops.Signal, fds: list[int]) -> Reply:
         if self.table.live(op.pid) is None:
@@ -338,6 +352,8 @@ class Sandbox:
         self._container(op.container_id)
 
         def ok() -> dict:
+            for p in [p.pid for p in self.table.procs.values() if p.container_id == op.container_id]:
+                self._drop_kept(p)
             self.table.remove_container(op.container_id)
             return {}
         args = ["delete"] + (["--force"] if op.force else []) + [op.container_id]
@@ -364,8 +380,27 @@ class Sandbox:
             raise OpError("lines", f"writing {self.resolv_conf}: {e}") from None
         return Reply({"path": self.resolv_conf})
 
+    def _drop_kept(self, pid: int) -> None:
+        for fd in self.kept.pop(pid, {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def op_table(self, op: ops.Table, fds: list[int]) -> Reply:
-        return Reply(self.table.dump())
+        dump = self.table.dump()
+        dump["kept"] = sorted(self.kept)  # pids whose stdio ends init holds: ask with "kept"
+        return Reply(dump)
+
+    def op_kept(self, op: ops.Kept, fds: list[int]) -> Reply:
+        """Copies of the stdio ends init keeps for the pids (fd indices into the packet)."""
+        out_fds: list[int] = []
+        stdio: dict[str, dict[str, int]] = {}
+        for pid in op.pids:
+            for role, fd in self.kept.get(pid, {}).items():
+                stdio.setdefault(str(pid), {})[role] = len(out_fds)
+                out_fds.append(os.dup(fd))  # init closes what it sends; it keeps the originals
+        return Reply({"stdio": stdio}, out_fds)
 
     def op_initstats(self, op: ops.InitStats, fds: list[int]) -> Reply:
         from ..observe import process_stats
@@ -374,6 +409,7 @@ class Sandbox:
     def op_release(self, op: ops.Release, fds: list[int]) -> Reply:
         if not self.table.release(op.pid):
             raise OpError("pid", f"{op.pid} is not an exited process in the table")
+        self._drop_kept(op.pid)
         return Reply({})
 
     def op_mount(self, op: ops.Mount, fds: list[int]) -> Reply:

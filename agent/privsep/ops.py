@@ -62,6 +62,7 @@ class Launch:
     bundle: str
     terminal: bool = False
     stdio: Stdio = Stdio()
+    keep: tuple[str, ...] = ()  # roles of the extra fds: the daemon's own ends, kept by init
 
 
 @record(frozen=True)
@@ -77,6 +78,7 @@ class Exec:
     process: str
     terminal: bool = False
     stdio: Stdio = Stdio()
+    keep: tuple[str, ...] = ()
 
 
 @record(frozen=True)
@@ -103,6 +105,13 @@ class Delete:
 @record(frozen=True)
 class Table:
     """Dump the process table (a restarted daemon rebuilds its state from it)."""
+
+
+@record(frozen=True)
+class Kept:
+    """The stdio ends init keeps for these pids (a restarted daemon takes them back); few
+    pids per request, as a packet carries at most wire.MAX_FDS fds."""
+    pids: tuple[int, ...]
 
 
 @record(frozen=True)
@@ -154,7 +163,7 @@ class Shutdown:
 
 OPS: dict[str, type] = {
     "launch": Launch, "start": Start, "exec": Exec, "signal": Signal, "kill": Kill,
-    "delete": Delete, "table": Table, "release": Release, "mount": Mount, "umount": Umount,
+    "delete": Delete, "table": Table, "kept": Kept, "release": Release, "mount": Mount, "umount": Umount,
     "net": Net, "init_stats": InitStats, "shutdown": Shutdown,
     "set_hostname": SetHostname, "write_resolv": WriteResolv,
 }
@@ -209,6 +218,22 @@ def _pid(args: dict) -> int:
     if not 1 < pid < 2**22 + 1:
         raise ValidationError("pid", f"{pid} is not a valid pid")
     return pid
+
+
+KEEP_ROLES = ("stdin", "stdout", "stderr")
+
+
+def _keep(args: dict) -> tuple[str, ...]:
+    """The daemon's ends of a process's stdio, handed to init for safekeeping so that a
+    restarted daemon gets them back (a container writing while no daemon runs blocks on a
+    full pipe instead of dying of SIGPIPE). They follow the child's fds in the packet."""
+    roles = _get(args, "keep", list, [], required=False)
+    for i, r in enumerate(roles):
+        if r not in KEEP_ROLES:
+            raise ValidationError(f"keep[{i}]", f"{str(r)[:20]!r} is not one of {', '.join(KEEP_ROLES)}")
+    if len(set(roles)) != len(roles):
+        raise ValidationError("keep", "a role is named twice")
+    return tuple(roles)
 
 
 def _stdio(args: dict, terminal: bool, nfds: int) -> Stdio:
@@ -271,19 +296,21 @@ def parse(op: str, args: object, nfds: int, run_dir: str):
 
     if op == "launch":
         terminal = _get(args, "terminal", bool, False, required=False)
+        keep = _keep(args)
         return Launch(
             container_id=check_id("container_id", _get(args, "container_id", str)),
             bundle=under("bundle", _get(args, "bundle", str), run_dir),
-            terminal=terminal, stdio=_stdio(args, terminal, nfds))
+            terminal=terminal, stdio=_stdio(args, terminal, nfds - len(keep)), keep=keep)
     if op == "exec":
         terminal = _get(args, "terminal", bool, False, required=False)
         process = under("process", _get(args, "process", str), run_dir)
         if not stat.S_ISREG(os.stat(process).st_mode):
             raise ValidationError("process", f"{process!r} is not a regular file")
+        keep = _keep(args)
         return Exec(
             container_id=check_id("container_id", _get(args, "container_id", str)),
             exec_id=check_id("exec_id", _get(args, "exec_id", str)),
-            process=process, terminal=terminal, stdio=_stdio(args, terminal, nfds))
+            process=process, terminal=terminal, stdio=_stdio(args, terminal, nfds - len(keep)), keep=keep)
     if op in ("start",):
         return Start(check_id("container_id", _get(args, "container_id", str)))
     if op == "signal":
@@ -296,6 +323,12 @@ def parse(op: str, args: object, nfds: int, run_dir: str):
                       _get(args, "force", bool, False, required=False))
     if op == "release":
         return Release(_pid(args))
+    if op == "kept":
+        pids = _get(args, "pids", list)
+        if not 1 <= len(pids) <= 2 or not all(isinstance(p, int) and not isinstance(p, bool) and 1 < p <= 2**22
+                                              for p in pids):
+            raise ValidationError("pids", "must list 1 or 2 pids")
+        return Kept(tuple(pids))
     if op == "mount":
         fstype = _get(args, "fstype", str)
         if fstype not in FSTYPES:

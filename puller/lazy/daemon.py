@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 import pyfuse3
 import trio
@@ -21,8 +22,9 @@ from ..auth import Credentials
 from ..registry import RegistryClient, RegistryOptions
 from ..store import Store
 from .cache import ChunkCache
-from .fetcher import ChunkFetcher
-from .fs import AccessRecorder, LazyFS, fetch_in_background
+from .fetcher import ChunkError, ChunkFetcher
+from .format import Meta
+from .fs import AccessRecorder, LazyFS, chunks_of, entrypoint_paths, fetch_in_background, resolve_path
 from .locate import load_record_meta
 
 log = logging.getLogger("puller.lazy")
@@ -69,7 +71,7 @@ class _StatsWriter:
     def __call__(self, force: bool = False) -> None:
         if self.path is None:
             return
-        tmp = f"{self.path}.tmp"
+        tmp = f"{self.path}.{threading.get_ident()}.tmp"  # written from the prefetch thread too
         with open(tmp, "w") as f:
             json.dump(self.fetcher.stats.as_dict(), f)
         os.replace(tmp, self.path)
@@ -103,11 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     client = RegistryClient(lazy["host"], registry_options(lazy, a.timeout))
     fetcher = ChunkFetcher(client, lazy["repository"], meta, cache, parallel=a.parallel)
     stats = _StatsWriter(a.stats, fetcher)
+    fetcher.on_run_done = stats
     fs = LazyFS(meta, cache, fetcher, amplify=a.amplify, recorder=AccessRecorder(a.record) if a.record else None, on_fetch=stats)
     prefetch = []
     if a.prefetch:
         with open(a.prefetch) as f:
             prefetch = [line.strip() for line in f if line.strip()]
+    early = _entrypoint_chunks(store, record, meta) + chunks_of(meta, prefetch)
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
     options |= {"fsname=puller-lazy", "subtype=puller-lazy", "ro", "allow_other", "default_permissions"}
@@ -117,8 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.ready_fd is not None:
         os.write(a.ready_fd, b"ready\n")
         os.close(a.ready_fd)
+    # Fetching starts now, while the overlay above the mount and the container's start are
+    # still under way: the entrypoint's program first (every run execs it), then the recorded
+    # prefetch list.  (Not before the ready signal: on a busy machine the fetch thread would
+    # compete with the mount for the interpreter and delay it.)
+    prefetcher = threading.Thread(target=_fetch_early, args=(fetcher, early, stats), daemon=True,
+                                  name="prefetch")
+    prefetcher.start()
     try:
-        trio.run(_serve_until_unmounted, fs, prefetch, a.whole, stats)
+        trio.run(_serve_until_unmounted, fs, prefetcher, a.whole, stats)
     finally:
         # Without capabilities the unmount here fails unless the mount is already gone
         # (fusermount3 -u by the remover, the usual way out); the remover falls back to umount -l.
@@ -129,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _serve_until_unmounted(fs: LazyFS, prefetch: list[str], whole: bool, stats: _StatsWriter) -> None:
+async def _serve_until_unmounted(fs: LazyFS, prefetcher: threading.Thread, whole: bool,
+                                 stats: _StatsWriter) -> None:
     async with trio.open_nursery() as nursery:
         async def background() -> None:
-            if prefetch:
-                await fetch_in_background(fs, fs.chunks_of(prefetch), f"prefetch of {len(prefetch)} files")
+            await trio.to_thread.run_sync(prefetcher.join, abandon_on_cancel=True)
             if whole:
                 await fetch_in_background(fs, list(range(len(fs.meta.chunks))), "whole-image fetch")
             stats(force=True)
@@ -148,6 +159,37 @@ async def _serve_until_unmounted(fs: LazyFS, prefetch: list[str], whole: bool, s
         nursery.start_soon(signals)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+def _entrypoint_chunks(store: Store, record: dict, meta: Meta) -> list[int]:
+    """The chunks of the file the image's entrypoint names ([] when there is none)."""
+    try:
+        with store.open_blob(record["config_digest"]) as f:
+            config = json.load(f)
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("lazy: no entrypoint prefetch, image config unreadable: %s", exc)
+        return []
+    by_path = {n.path: n for n in meta.nodes}
+    for path in entrypoint_paths(config if isinstance(config, dict) else {}):
+        n = resolve_path(by_path, path)
+        if n is not None and n.kind == "reg":
+            return list(n.chunks)
+    return []
+
+
+def _fetch_early(fetcher: ChunkFetcher, ids: list[int], stats: _StatsWriter, batch: int = 8) -> None:
+    """Prefetch in batches (so reads are not starved of request slots); failures surface
+    again, as EIO, on the read that needs the chunk."""
+    ids = list(dict.fromkeys(ids))
+    failed = 0
+    for k in range(0, len(ids), batch):
+        try:
+            fetcher.ensure(ids[k:k + batch])
+        except ChunkError:
+            failed += 1
+        stats()
+    if ids:
+        log.info("lazy: early prefetch done: %d chunks, %d batches failed", len(ids), failed)
 
 
 if __name__ == "__main__":

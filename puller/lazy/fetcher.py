@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 from ..errors import PullError
 from ..registry import RegistryClient
@@ -69,35 +71,48 @@ class ChunkFetcher:
         self.cache = cache
         self.merge_gap = merge_gap
         self.max_request = max_request
+        self.on_run_done: Callable[[], None] | None = None  # after each range request (counters)
         self.stats = FetchStats()
         self._slots = threading.BoundedSemaphore(parallel)
         self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="chunk")
+        # read-around requests a reader does not wait for to the end (ensure with `extra`)
+        self._fg = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="chunk-fg")
         self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-ahead")
         self._ahead_pending = threading.Semaphore(2)  # at most two windows queued ahead
         self._lock = threading.Lock()
         self._inflight: dict[str, threading.Event] = {}
         self._failed: dict[str, str] = {}
 
-    def ensure(self, ids: list[int]) -> None:
-        """Return once all chunks `ids` are in the cache; ChunkError if one cannot be."""
-        todo: list[Chunk] = []
+    def ensure(self, ids: list[int], extra: list[int] | tuple = ()) -> None:
+        """Return once all chunks `ids` are in the cache; ChunkError if one cannot be.
+
+        `extra` chunks (read-around) ride in the same range requests but are not waited for:
+        the requests then run in the pool, and this returns as soon as the chunks of `ids`
+        arrived and verified, while the rest of the response is still coming."""
+        need: list[Chunk] = []
+        more: list[Chunk] = []
         waits: list[tuple[Chunk, threading.Event]] = []
+        needed = set(ids)
         with self._lock:
-            for i in dict.fromkeys(ids):
+            for i in dict.fromkeys([*ids, *extra]):
                 c = self.meta.chunks[i]
                 if self.cache.has(c.digest):
                     continue
                 ev = self._inflight.get(c.digest)
-                if ev is not None:
+                if ev is None:
+                    ev = threading.Event()
+                    self._inflight[c.digest] = ev
+                    self._failed.pop(c.digest, None)
+                    (need if i in needed else more).append(c)
+                if i in needed:
                     waits.append((c, ev))
-                    continue
-                ev = threading.Event()
-                self._inflight[c.digest] = ev
-                self._failed.pop(c.digest, None)
-                todo.append(c)
-                waits.append((c, ev))
-        if todo:
-            runs = plan_ranges(todo, self.merge_gap, self.max_request)
+        if more:
+            # One request for both (requests side by side only compete for a busy machine's
+            # CPU); chunks are published as they arrive, the ones waited for first.
+            for run in plan_ranges(need + more, self.merge_gap, self.max_request):
+                self._fg.submit(self._fetch_run, run)
+        elif need:
+            runs = plan_ranges(need, self.merge_gap, self.max_request)
             futures = [self._pool.submit(self._fetch_run, run) for run in runs[1:]]
             self._fetch_run(runs[0])  # the first in this thread: one request needs no hand-off
             for f in futures:
@@ -126,29 +141,49 @@ class ChunkFetcher:
         self._ahead.submit(run)
 
     def _fetch_run(self, run: list[Chunk]) -> None:
+        """One range request for `run`; each chunk is verified and published as soon as its
+        bytes have arrived, so the reader of the first chunk does not wait for the whole range
+        (which is what makes large read-around requests cheap for the reader)."""
         blob_digest = self.meta.blobs[run[0].blob][0]
         start = run[0].offset
         end = max(c.offset + c.stored for c in run)
+        pending = deque(sorted(run, key=lambda c: c.offset))
         try:
             with self._slots:
-                data = self._get_range(blob_digest, start, end)
-            for c in run:
-                try:
-                    plain = decode_chunk(c, data[c.offset - start:c.offset - start + c.stored])
-                except ValueError as exc:
-                    msg = (f"lazy: chunk verification failed: {exc} (blob {blob_digest} bytes "
-                           f"{c.offset}-{c.offset + c.stored - 1} from {self.client.host}/{self.repository})")
-                    log.error("%s", msg)
-                    self._fail(c, msg)
-                    continue
-                self.cache.put(c.digest, plain)
-                self.stats.add(chunks=1)
-                self._done(c)
+                buf = bytearray()
+                buf_start = start
+                for part in self._range_parts(blob_digest, start, end):
+                    buf += part
+                    buf_end = buf_start + len(buf)
+                    while pending and pending[0].offset + pending[0].stored <= buf_end:
+                        c = pending.popleft()
+                        lo = c.offset - buf_start
+                        self._publish(c, bytes(buf[lo:lo + c.stored]), blob_digest)
+                    keep = pending[0].offset if pending else buf_end
+                    if keep > buf_start:  # bytes before the next chunk wanted are done with
+                        del buf[:keep - buf_start]
+                        buf_start = keep
         except Exception as exc:  # noqa: BLE001 - every waiter must be woken with the reason
-            msg = f"lazy: fetching {len(run)} chunk(s) of blob {blob_digest} from {self.client.host} failed: {exc}"
+            msg = (f"lazy: fetching {len(run)} chunk(s) of blob {blob_digest} from {self.client.host} "
+                   f"failed: {exc}")
             log.error("%s", msg)
-            for c in run:
+            for c in pending:
                 self._fail(c, msg)
+        if self.on_run_done is not None:
+            self.on_run_done()
+
+    def _publish(self, c: Chunk, stored: bytes, blob_digest: str) -> None:
+        try:
+            plain = decode_chunk(c, stored)
+        except ValueError as exc:
+            msg = (f"lazy: chunk verification failed: {exc} (blob {blob_digest} bytes "
+                   f"{c.offset}-{c.offset + c.stored - 1} from {self.client.host}/{self.repository})")
+            log.error("%s", msg)
+            self._fail(c, msg)
+            return
+        self.cache.put(c.digest, plain)
+        self.stats.add(chunks=1)
+        self._done(c)
 
     def _fail(self, c: Chunk, msg: str) -> None:
         self.stats.add(failures=1)
@@ -164,24 +199,27 @@ class ChunkFetcher:
         if ev is not None:
             ev.set()
 
-    def _get_range(self, blob_digest: str, start: int, end: int) -> bytes:
+    def _range_parts(self, blob_digest: str, start: int, end: int) -> Iterator[bytes]:
+        """The bytes of [start, end) of the blob as they arrive; ChunkError when the registry
+        sends more or fewer than asked for (chunks completed before that were verified and stay)."""
         resp = self.client.request(
             "GET", f"{self.repository}/blobs/{blob_digest}", stream=True, ok=(206,),
             headers={"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"},
             what=f"range {start}-{end - 1} of blob {self.repository}@{blob_digest}")
+        want = end - start
+        got = 0
         with resp:
-            want = end - start
-            out = bytearray()
-            for part in resp.iter_content(1 << 20):
-                out += part
-                if len(out) > want:
+            for part in resp.iter_content(256 << 10):
+                got += len(part)
+                if got > want:
                     raise ChunkError(f"registry sent more than the {want} bytes asked for")
-        self.stats.add(requests=1, nbytes=len(out))
-        if len(out) != want:
-            raise ChunkError(f"registry sent {len(out)} of the {want} bytes asked for")
-        return bytes(out)
+                yield part
+        self.stats.add(requests=1, nbytes=got)
+        if got != want:
+            raise ChunkError(f"registry sent {got} of the {want} bytes asked for")
 
     def close(self) -> None:
         self._ahead.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._fg.shutdown(wait=True, cancel_futures=True)
         self.client.close()

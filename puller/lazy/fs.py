@@ -63,6 +63,7 @@ class LazyFS(pyfuse3.Operations):
         order = sorted(range(len(meta.chunks)), key=lambda i: (meta.chunks[i].blob, meta.chunks[i].offset))
         self._blob_order = order
         self._blob_pos = {i: k for k, i in enumerate(order)}
+        self._around: set[int] = set()  # chunks fetched as read-around, not yet read
         self.recorder = recorder
         self.on_fetch = on_fetch
         self.nodes: dict[int, Node] = {}
@@ -183,19 +184,30 @@ class LazyFS(pyfuse3.Operations):
         first, last = off // cs, (end - 1) // cs
         ids = n.chunks[first:last + 1]
         chunks = self.meta.chunks
+        at_end = last + 1 + self.readahead >= len(n.chunks)
         if any(not self.cache.has(chunks[i].digest) for i in ids):
             # Sequential readers come back for the next chunks: ask for a few in the same request.
-            wanted = n.chunks[first:last + 1 + self.readahead]
-            if last + 1 + self.readahead >= len(n.chunks):
-                wanted = wanted + self._neighbours(n.chunks[-1])
+            extra = n.chunks[last + 1:last + 1 + self.readahead]
+            if at_end:
+                around = self._neighbours(n.chunks[-1])
+                self._around.update(around)
+                extra = extra + around
             try:
-                await trio.to_thread.run_sync(self.fetcher.ensure, wanted)
+                await trio.to_thread.run_sync(self.fetcher.ensure, ids, extra)
             except ChunkError as exc:
                 if not all(self.cache.has(chunks[i].digest) for i in ids):
                     log.error("lazy: read of %r bytes %d-%d fails with EIO: %s", n.path, off, end - 1, exc)
                     raise pyfuse3.FUSEError(errno.EIO) from None
             if self.on_fetch is not None:
                 self.on_fetch()
+        elif at_end and self.amplify and n.chunks[-1] in self._around:
+            # This file came with an earlier read-around and is being read to its end: the
+            # reader walks the blob's order (a directory's files), so fetch the next stretch now.
+            self._around.discard(n.chunks[-1])
+            around = self._neighbours(n.chunks[-1])
+            if around:
+                self._around.update(around)
+                self.fetcher.ensure_soon(around)
         if self.readahead:
             # Keep the next window coming while the reader consumes this one.
             nxt = n.chunks[last + 1 + self.readahead:last + 1 + 2 * self.readahead]
@@ -226,13 +238,63 @@ class LazyFS(pyfuse3.Operations):
 
     # -- prefetch ---------------------------------------------------------------------
     def chunks_of(self, paths: list[str]) -> list[int]:
-        by_path = {n.path: n for n in self.meta.nodes}
-        out: list[int] = []
-        for p in paths:
-            n = by_path.get(p.strip("/"))
-            if n is not None and n.kind == "reg":
-                out.extend(n.chunks)
-        return out
+        return chunks_of(self.meta, paths)
+
+
+def chunks_of(meta: Meta, paths: list[str]) -> list[int]:
+    """The chunks of the regular files `paths` (symlinks followed inside the image)."""
+    by_path = {n.path: n for n in meta.nodes}
+    out: list[int] = []
+    for p in paths:
+        n = resolve_path(by_path, p)
+        if n is not None and n.kind == "reg":
+            out.extend(n.chunks)
+    return out
+
+
+def resolve_path(by_path: dict[str, Node], path: str, max_links: int = 40) -> Node | None:
+    """The node `path` names inside the image, following symlinks as the kernel would with
+    the image as root; None when it does not exist (or loops)."""
+    parts = [p for p in path.split("/") if p and p != "."]
+    cur: list[str] = []
+    links = 0
+    while parts:
+        name = parts.pop(0)
+        if name == "..":
+            if cur:
+                cur.pop()
+            continue
+        n = by_path.get("/".join([*cur, name]))
+        if n is None:
+            return None
+        if n.kind == "lnk":
+            links += 1
+            if links > max_links:
+                return None
+            target = [p for p in n.target.split("/") if p and p != "."]
+            if n.target.startswith("/"):
+                cur = []
+            parts = target + parts
+            continue
+        cur.append(name)
+    return by_path.get("/".join(cur))
+
+
+def entrypoint_paths(image_config: dict) -> list[str]:
+    """The program a container of this image execs first (Entrypoint, else Cmd), looked up in
+    the image's PATH when it is not a path: its file is the first thing every run reads."""
+    cfg = image_config.get("config") or {}
+    argv = cfg.get("Entrypoint") or cfg.get("Cmd") or []
+    if not isinstance(argv, list) or not argv or not isinstance(argv[0], str) or not argv[0]:
+        return []
+    prog = argv[0]
+    if "/" in prog:
+        return [prog]
+    path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    for e in cfg.get("Env") or []:
+        if isinstance(e, str) and e.startswith("PATH="):
+            path = e[5:]
+    return [f"{d}/{prog}" for d in path.split(":") if d.startswith("/")]
 
 
 async def fetch_in_background(fs: LazyFS, ids: list[int], what: str, batch: int = 8) -> None:

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..digest import chain_ids, parse_digest
-from ..errors import ManifestError
+from ..errors import ManifestError, NotFound
 from ..fetch import fetch_small_blob
-from ..manifest import Manifest
+from ..manifest import Descriptor, Index, Manifest, parse_descriptor
 from ..pull import PullOptions, _store_blob
 from ..reference import Reference, parse_reference
 from ..registry import RegistryClient
-from ..resolve import Resolved, fetch_manifest, referrers, resolve
+from ..resolve import MAX_CONFIG_BYTES, Resolved, fetch_manifest, parse_image_config, resolve
 from .format import ARTIFACT_TYPE, DATA_MEDIA_TYPE, META_MEDIA_TYPE, MAX_META_BYTES, Meta, MetaError, load_meta
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,45 @@ class LazyImage:
 
 def find_meta(client: RegistryClient, resolved: Resolved) -> LazyImage | None:
     """The newest valid lazy metadata of the image, or None when there is none."""
-    repo = resolved.reference.repository
-    subject = resolved.manifest.digest
-    found = referrers(client, repo, subject, ARTIFACT_TYPE)
-    for desc in reversed(found):  # the tag schema appends: last is newest
+    found = _find_artifact(client, resolved.reference.repository, resolved.manifest.digest)
+    return None if found is None else LazyImage(str(resolved.reference), resolved, *found)
+
+
+def _referrers(client: RegistryClient, repo: str, subject: str) -> list[Descriptor]:
+    """resolve.referrers, with the referrers API and the tag schema asked side by side: most
+    registries support only one of them, and asking in turn costs a round trip more."""
+    d = parse_digest(subject, what="subject digest")
+    tag = f"{d.algorithm}-{d.hex}"
+
+    def by_tag() -> Index | Manifest | None:
+        try:
+            return fetch_manifest(client, repo, tag)
+        except NotFound:
+            return None
+
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        tagged = ex.submit(by_tag)
+        answer = client.referrers(repo, str(d), ARTIFACT_TYPE)
+        if answer is not None:
+            tagged.cancel()
+            raw = answer.get("manifests", [])
+            if not isinstance(raw, list):
+                raise ManifestError(f"referrers of {repo}@{subject}: 'manifests' is not a list")
+            entries = [parse_descriptor(e, f"referrers of {subject}[{i}]") for i, e in enumerate(raw)]
+        else:
+            doc = tagged.result()
+            if doc is None:
+                return []
+            if not isinstance(doc, Index):
+                raise ManifestError(f"{repo}:{tag}: referrers tag does not point at an index")
+            entries = list(doc.manifests)
+    return [e for e in entries if e.artifact_type == ARTIFACT_TYPE]
+
+
+def _find_artifact(client: RegistryClient, repo: str, subject: str) -> tuple[str, str, Meta, bytes] | None:
+    """(artifact digest, metadata digest, metadata, its raw bytes) of the newest valid lazy
+    artifact whose subject is the manifest `subject`."""
+    for desc in reversed(_referrers(client, repo, subject)):  # the tag schema appends: last is newest
         doc = fetch_manifest(client, repo, desc.digest)
         where = f"lazy artifact {repo}@{desc.digest}"
         if not isinstance(doc, Manifest) or doc.artifact_type != ARTIFACT_TYPE:
@@ -54,8 +90,26 @@ def find_meta(client: RegistryClient, resolved: Resolved) -> LazyImage | None:
         listed = [(d.digest, d.size) for d in doc.layers[1:] if d.media_type == DATA_MEDIA_TYPE]
         if listed != meta.blobs:
             raise MetaError(f"{where}: the metadata's data blobs differ from the artifact's layers")
-        return LazyImage(str(resolved.reference), resolved, doc.digest, doc.layers[0].digest, meta, raw)
+        return doc.digest, doc.layers[0].digest, meta, raw
     return None
+
+
+def resolve_and_find(client: RegistryClient, ref: Reference, platform=None) -> tuple[Resolved, LazyImage | None]:
+    """resolve() and find_meta() in fewer round trips: when the reference names an image
+    manifest (no index), its config and the lazy artifact are fetched side by side."""
+    doc = fetch_manifest(client, ref.repository, ref.selector)
+    if not isinstance(doc, Manifest) or not doc.is_image:
+        resolved = resolve(client, ref, platform)  # indexes, artifacts: the general way (and its errors)
+        return resolved, find_meta(client, resolved)
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        artifact = ex.submit(_find_artifact, client, ref.repository, doc.digest)
+        what = f"config {doc.config.digest} of {ref}"
+        config_raw = fetch_small_blob(client, ref.repository, doc.config.digest, doc.config.size,
+                                      cap=MAX_CONFIG_BYTES, what=what)
+        config = parse_image_config(config_raw, what, len(doc.layers))
+        found = artifact.result()
+    resolved = Resolved(ref, doc, None, None, config_raw, config)
+    return resolved, None if found is None else LazyImage(str(ref), resolved, *found)
 
 
 def pull_lazy(ref: str | Reference, store, options: PullOptions | None = None) -> dict | None:
@@ -68,8 +122,7 @@ def pull_lazy(ref: str | Reference, store, options: PullOptions | None = None) -
     ref = ref if isinstance(ref, Reference) else parse_reference(ref)
     client = RegistryClient(ref.api_host, options.registry)
     with store.pin(), contextlib.closing(client):
-        resolved = resolve(client, ref, options.platform)
-        found = find_meta(client, resolved)
+        resolved, found = resolve_and_find(client, ref, options.platform)
         if found is None:
             return None
         _store_blob(store, found.meta_digest, found.meta_raw)

@@ -38,8 +38,9 @@ def test_kill_9_daemon_with_10_containers(agent, rootfs):
 
     async def setup(c):
         for i in range(n):
-            # each exits with its own code when told to (a file appears in its /tmp)
-            await C.create(c, f"k{i}", spec(rootfs, ["sh", "-c", f"while [ ! -e /tmp/go ]; do sleep 0.05; done; exit {i + 3}"]))
+            # each exits with its own code when told to (a file appears in its /tmp), and writes
+            # to its stdout meanwhile: with no daemon, that output must wait, not kill it
+            await C.create(c, f"k{i}", spec(rootfs, ["sh", "-c", f"n=0; while [ ! -e /tmp/go ]; do echo tick$n; n=$((n+1)); sleep 0.05; done; echo done{i}; exit {i + 3}"]))
             await C.start(c, f"k{i}")
 
     run(agent, setup)
@@ -69,6 +70,10 @@ def test_kill_9_daemon_with_10_containers(agent, rootfs):
             await C.exec_(c, f"k{i}", "go", ["touch", "/tmp/go"])
         for i in range(n):
             assert await C.wait(c, f"k{i}") == i + 3
+            # the new daemon got the stdout pipe back from init: output from before, during and
+            # after the restart, in order, ending with the last line
+            out = (await C.read_all(c, f"k{i}")).decode().split()
+            assert out[-1] == f"done{i}" and out[0].startswith("tick")
             await C.remove(c, f"k{i}")
 
     # a fresh connection: the old one died with the old daemon
@@ -80,4 +85,8 @@ def test_kill_9_daemon_with_10_containers(agent, rootfs):
                 return
             except OSError:
                 await trio.sleep(0.1)
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseException:
+        print(agent.logs()[-6000:])
+        raise

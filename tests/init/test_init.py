@@ -13,7 +13,7 @@ def test_daemon_is_confined_and_gets_empty_table(agent):
     st_s = os.stat(os.path.join(agent.run_dir, ".oci-state"))
     assert (st_s.st_uid, st_s.st_mode & 0o777) == (0, 0o700)
     assert h["generation"] == 1
-    assert h["initial_table"] == {"containers": [], "processes": []}
+    assert h["initial_table"] == {"containers": [], "processes": [], "kept": []}
     st = h["status"]
     assert st["Uid"].split()[0] == "65534"
     assert int(st["CapEff"], 16) == 0 and int(st["CapBnd"], 16) == 0
@@ -205,7 +205,7 @@ def test_requests_are_validated_and_init_survives_garbage(agent):
     assert n_err >= 6
     # init is alive, answers, and leaked no fds from any of it
     assert agent.proc.poll() is None and _host_pid(agent, 1) == ns_init
-    assert agent.call_ok("table") == {"containers": [], "processes": []}
+    assert agent.call_ok("table") == {"containers": [], "processes": [], "kept": []}
     assert len(os.listdir(f"/proc/{ns_init}/fd")) == fds_before
     assert init_host == agent.proc.pid
 
