@@ -189,9 +189,7 @@ class LazyFS(pyfuse3.Operations):
             # Sequential readers come back for the next chunks: ask for a few in the same request.
             extra = n.chunks[last + 1:last + 1 + self.readahead]
             if at_end:
-                around = self._neighbours(n.chunks[-1])
-                self._around.update(around)
-                extra = extra + around
+                extra = extra + self.read_around(n.chunks[-1])
             try:
                 await trio.to_thread.run_sync(self.fetcher.ensure, ids, extra)
             except ChunkError as exc:
@@ -204,9 +202,8 @@ class LazyFS(pyfuse3.Operations):
             # This file came with an earlier read-around and is being read to its end: the
             # reader walks the blob's order (a directory's files), so fetch the next stretch now.
             self._around.discard(n.chunks[-1])
-            around = self._neighbours(n.chunks[-1])
+            around = self.read_around(n.chunks[-1])
             if around:
-                self._around.update(around)
                 self.fetcher.ensure_soon(around)
         if self.readahead:
             # Keep the next window coming while the reader consumes this one.
@@ -220,6 +217,13 @@ class LazyFS(pyfuse3.Operations):
             hi = min(end, base + chunks[i].size) - base
             parts.append(self.cache.read(chunks[i].digest, lo, hi - lo))
         return b"".join(parts)
+
+    def read_around(self, i: int) -> list[int]:
+        """The neighbours of chunk `i` (a file's last) to fetch with it, remembered so that
+        reading them to their end fetches the next stretch."""
+        around = self._neighbours(i)
+        self._around.update(around)
+        return around
 
     def _neighbours(self, i: int) -> list[int]:
         """Chunks after chunk `i` in its data blob, up to `amplify` stored bytes."""
