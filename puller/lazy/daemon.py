@@ -24,7 +24,7 @@ from ..store import Store
 from .cache import ChunkCache
 from .fetcher import ChunkError, ChunkFetcher
 from .format import Meta
-from .fs import AccessRecorder, LazyFS, chunks_of, entrypoint_paths, fetch_in_background, resolve_path
+from .fs import AMPLIFY, AccessRecorder, LazyFS, chunks_of, entrypoint_paths, fetch_in_background, resolve_path
 from .locate import load_record_meta
 
 log = logging.getLogger("puller.lazy")
@@ -89,15 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--whole", action="store_true", help="fetch every chunk in the background")
     p.add_argument("--timeout", type=float, help="registry request time bound (default: the pull's)")
     p.add_argument("--parallel", type=int, default=4)
-    p.add_argument("--amplify", type=int, default=1 << 20,
+    p.add_argument("--amplify", type=int, default=AMPLIFY,
                    help="bytes of the chunks following a missed file end fetched along with it")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s",
                         force=True)
-    # Fetch threads hold the interpreter lock in stretches of Python code; at the default 5 ms
-    # switch interval a FUSE answer waiting behind them takes milliseconds longer than the
-    # work it needs.  Switching more often costs little beside a request.
-    sys.setswitchinterval(0.0005)
     store = Store(a.store)
     record = store.get_image(a.ref)
     if record is None or not record.get("lazy"):
@@ -129,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     # Fetching starts now, while the overlay above the mount and the container's start are
     # still under way: the entrypoint's program first (every run execs it), then the recorded
     # prefetch list.  (Not before the ready signal: on a busy machine the fetch thread would
-    # compete with the mount for the interpreter and delay it.)
-    around = fs.read_around(entry[-1]) if entry else []
+    # compete with the mount for the interpreter and delay it.)  Without a recorded list the
+    # entrypoint's neighbours in the blob come along, as they would with a read miss at its end.
+    around = fs.read_around(entry[-1]) if entry and not prefetch else []
     prefetcher = threading.Thread(target=_fetch_early, args=(fetcher, early, stats),
                                   kwargs={"around": around}, daemon=True, name="prefetch")
     prefetcher.start()
@@ -194,6 +191,8 @@ def _fetch_early(fetcher: ChunkFetcher, ids: list[int], stats: _StatsWriter, bat
             fetcher.ensure(ids[k:k + batch], around if k == 0 else ())
         except ChunkError:
             failed += 1
+        except RuntimeError:  # the fetcher was closed under us: the daemon is shutting down
+            return
         stats()
     if ids:
         log.info("lazy: early prefetch done: %d chunks, %d batches failed", len(ids), failed)

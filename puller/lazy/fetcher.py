@@ -108,7 +108,8 @@ class ChunkFetcher:
                     waits.append((c, ev))
         if more:
             # One request for both (requests side by side only compete for a busy machine's
-            # CPU); chunks are published as they arrive, the ones waited for first.
+            # CPU).  Chunks are published as they arrive, in blob order, which puts the read's
+            # own chunks first: read-ahead and neighbours lie after them.
             for run in plan_ranges(need + more, self.merge_gap, self.max_request):
                 self._fg.submit(self._fetch_run, run)
         elif need:
@@ -121,6 +122,11 @@ class ChunkFetcher:
             ev.wait()
             if not self.cache.has(c.digest):
                 raise ChunkError(self._failed.get(c.digest, f"chunk {c.digest} could not be fetched"))
+
+    def all_in_flight(self, digests: list[str]) -> bool:
+        """True when every chunk of `digests` is being fetched already."""
+        with self._lock:
+            return all(d in self._inflight for d in digests)
 
     def ensure_soon(self, ids: list[int]) -> None:
         """Start fetching `ids` without waiting (read-ahead); failures surface on the real read."""

@@ -116,7 +116,7 @@ def make_lazy_snapshot(store: Store, ref: str, dest: str | os.PathLike, *, snaps
     The file system is served by a daemon process: a new interpreter by default, or with
     `fork` a child of this process, which skips Python's start-up and imports (~0.3 s) - for
     long-lived callers without threads that could hold locks across the fork.  `amplify`: see
-    LazyFS (bytes of neighbouring chunks fetched along with a miss; default 1 MiB)."""
+    LazyFS (bytes of neighbouring chunks fetched along with a miss; default 4 MiB)."""
     dest = Path(dest).absolute()
     sid = snapshot_id or secrets.token_hex(8)
     sdir = store.snapshot_dir(sid)

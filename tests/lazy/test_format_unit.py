@@ -130,3 +130,25 @@ def test_plan_ranges_merges_close_chunks_of_one_blob_only():
     assert [[c.offset for c in r] for r in runs] == [[0, 100, 250], [10_000], [20_000], [300]]
     runs = plan_ranges(cs[:3], merge_gap=64, max_request=200)
     assert [[c.offset for c in r] for r in runs] == [[0, 100], [250]]
+
+
+def test_paths_resolve_through_symlinks_inside_the_image_only():
+    from puller.lazy.fs import chunks_of, entrypoint_paths, resolve_path
+    nodes = [Node("", "dir", 0o755), Node("bin", "dir", 0o755), Node("bin/busybox", "reg", 0o755, chunks=[0, 1]),
+             Node("bin/sh", "lnk", 0o777, target="busybox"), Node("usr", "dir", 0o755),
+             Node("usr/bin", "lnk", 0o777, target="/bin"), Node("up", "lnk", 0o777, target="../../../bin/sh"),
+             Node("loop", "lnk", 0o777, target="loop"), Node("etc", "dir", 0o755)]
+    by_path = {n.path: n for n in nodes}
+    assert resolve_path(by_path, "/bin/sh").path == "bin/busybox"
+    assert resolve_path(by_path, "/usr/bin/sh").path == "bin/busybox"  # absolute target: from the image root
+    assert resolve_path(by_path, "up").path == "bin/busybox"  # ".." stops at the image root
+    assert resolve_path(by_path, "/etc/../bin/./busybox").path == "bin/busybox"
+    assert resolve_path(by_path, "/loop") is None and resolve_path(by_path, "/nope/sh") is None
+    meta = Meta(SUBJECT, 4096, [], [], nodes)
+    assert chunks_of(meta, ["/usr/bin/sh", "/etc", "/missing"]) == [0, 1]
+    # Entrypoint before Cmd; a bare name is looked up along the image's PATH, in order.
+    assert entrypoint_paths({"config": {"Entrypoint": ["/bin/sh", "-c"], "Cmd": ["x"]}}) == ["/bin/sh"]
+    assert entrypoint_paths({"config": {"Cmd": ["sh"], "Env": ["A=1", "PATH=/usr/bin:/bin"]}}) == \
+        ["/usr/bin/sh", "/bin/sh"]
+    assert entrypoint_paths({"config": {}}) == [] and entrypoint_paths({}) == []
+    assert entrypoint_paths({"config": {"Cmd": [""]}}) == [] and entrypoint_paths({"config": {"Cmd": "sh"}}) == []
