@@ -27,7 +27,6 @@ from agent.launcher.cgroups import open_cgroup
 from agent.privsep.client import InitClient, InitError, InitGone
 from agent.protos import agent_pb2, types_pb2
 from agent.ttrpc import CallContext, Code, TTRPCError
-from agent.ttrpc.server import bytes_field
 
 from agent import specconv
 from .state import Container, Process, Sandbox, Status
@@ -645,7 +644,7 @@ class AgentService:
         if stream is None or (which == "stderr" and p.tty is not None):
             return agent_pb2.ReadStreamResponse()  # no such stream: EOF
         data = await stream.read(req.len or 32 * 1024)
-        return bytes_field(1, data)  # ReadStreamResponse{data = 1}, written without copies
+        return agent_pb2.ReadStreamResponse(data=data)
 
     async def ReadStdout(self, ctx: CallContext, req: agent_pb2.ReadStreamRequest) -> agent_pb2.ReadStreamResponse:
         return await self._read(req, "stdout")

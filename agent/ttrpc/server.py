@@ -53,32 +53,6 @@ class CallContext:
 Handler = Callable[[CallContext, Message], Awaitable[Message]]
 
 
-class Encoded:
-    """A response message a handler has already encoded, as pieces written out in order
-    (scatter-gather, no join): for bulk data such as ReadStdout, where serialising and
-    framing would copy the bytes three more times."""
-
-    __slots__ = ("parts", "size")
-
-    def __init__(self, parts: list[bytes]) -> None:
-        self.parts = parts
-        self.size = sum(len(p) for p in parts)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def bytes_field(number: int, data: bytes) -> Encoded:
-    """A message whose only set field is `bytes` field `number` (e.g. ReadStreamResponse)."""
-    return Encoded([_varint(number << 3 | 2) + _varint(len(data)), data] if data else [])
-
-
 @dataclass(frozen=True, slots=True)
 class Method:
     request_cls: type[Message]
@@ -318,25 +292,6 @@ class _Connection:
     async def _send(self, sid: int, payload: bytes) -> None:
         await self._send_data(fr.pack_frame(sid, fr.TYPE_RESPONSE, payload))
 
-    async def _send_parts(self, parts: list[bytes]) -> None:
-        """One frame given in pieces: sendmsg() writes them without joining when the socket
-        takes it all at once; otherwise the rest goes out the ordinary way."""
-        if self.closed:
-            return
-        if self.raw is not None and self.send_waiters == 0:
-            try:
-                n = self.raw.sock.sendmsg(parts)
-            except BlockingIOError:
-                n = 0
-            except OSError:
-                n = 0  # the ordinary path below meets the same error and closes the connection
-            total = sum(len(p) for p in parts)
-            if n == total:
-                return
-            await self._send_data(b"".join(parts)[n:])
-            return
-        await self._send_data(b"".join(parts))
-
     async def _send_data(self, data: bytes) -> None:
         """Write whole frames; concurrent writers never interleave bytes."""
         if self.closed:
@@ -386,14 +341,6 @@ class _Connection:
                 else:
                     ctx = CallContext(req.service, req.method, sid, md, math.inf, self.peer)
                     result = await method.handler(ctx, msg)
-                if isinstance(result, Encoded):
-                    if result.size + 32 > fr.MAX_MESSAGE:
-                        raise TTRPCError(Code.RESOURCE_EXHAUSTED, f"{req.service}/{req.method}: response too large")
-                    # Response{status: {} (1), payload (2)} around the pieces, then the header
-                    env = b"\x0a\x00" + (b"\x12" + _varint(result.size) if result.size else b"")
-                    head = fr.HEADER.pack(len(env) + result.size, sid, fr.TYPE_RESPONSE, 0) + env
-                    await self._send_parts([head, *result.parts])
-                    return
                 payload = result.SerializeToString()
                 if len(payload) + 16 > fr.MAX_MESSAGE:
                     raise TTRPCError(Code.RESOURCE_EXHAUSTED,

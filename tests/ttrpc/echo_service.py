@@ -60,14 +60,6 @@ def make_server(state: EchoState | None = None) -> Server:
         return KeyValue(key=req.key, value=str(ctx.stream_id))
 
     server.register(SERVICE, "Quick", KeyValue, quick, inline=True)
-
-    async def encoded(ctx: CallContext, req: KeyValue):
-        from agent.ttrpc.server import bytes_field
-
-        # KeyValue.value is field 2: the pre-encoded answer must decode as KeyValue(value=...)
-        return bytes_field(2, (req.key * int(req.value or "1")).encode())
-
-    server.register(SERVICE, "Encoded", KeyValue, encoded)
     for name, fn in {"Echo": echo, "Sleep": sleep, "Metadata": metadata, "Deadline": deadline,
                      "Fail": fail, "Big": big}.items():
         server.register(SERVICE, name, KeyValue, fn)

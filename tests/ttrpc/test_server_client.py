@@ -314,29 +314,3 @@ def test_inline_methods_answer_bursts_and_errors(sock_path):
             assert (await c.call(SERVICE, "Quick", KeyValue(key="after"), KeyValue)).key == "after"
 
     run_with_server(sock_path, body)
-
-
-def test_pre_encoded_answers_arrive_whole_among_others(sock_path):
-    """Scatter-gather answers (bulk stdout) larger than the socket buffer, many at once with
-    ordinary calls on one connection: every answer arrives whole and uncorrupted."""
-    async def body(server, state):
-        async with open_client(f"unix://{sock_path}") as c:
-            sizes = [0, 1, 1000, 3 << 20, 1 << 20, 70000]
-            got = {}
-
-            async def one(i, n):
-                r = await c.call(SERVICE, "Encoded", KeyValue(key=chr(97 + i), value=str(n)), KeyValue)
-                got[i] = r.value
-
-            async def echo(i):
-                assert (await c.call(SERVICE, "Echo", KeyValue(key=str(i)), KeyValue)).key == str(i)
-
-            async with trio.open_nursery() as n:
-                for i, size in enumerate(sizes):
-                    n.start_soon(one, i, size)
-                for i in range(50):
-                    n.start_soon(echo, i)
-            for i, size in enumerate(sizes):
-                assert got[i] == chr(97 + i) * size
-
-    run_with_server(sock_path, body)
