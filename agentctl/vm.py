@@ -50,7 +50,16 @@ DEFAULT_STATE_DIR = Path(os.environ.get("XDG_RUNTIME_DIR", "/run")) / "sandbox-a
 QEMU = "qemu-system-x86_64"
 CHANNEL_NAME = "agent.channel.0"
 VSOCK_PORT = 1024
-VSOCK_CID = 3
+VSOCK_CID_BASE = 3  # 0-2 are reserved (hypervisor, local, host)
+
+
+def vsock_cid(state_dir: Path) -> int:
+    """The guest's vsock CID: one per state dir, so two VMs on a host do not collide (QEMU
+    refuses a CID in use). Stable across `up`s of the same state dir."""
+    import hashlib
+
+    h = int.from_bytes(hashlib.sha256(str(Path(state_dir).resolve()).encode()).digest()[:4], "big")
+    return VSOCK_CID_BASE + h % (1 << 30)
 STATE_FILE = "state.json"
 
 
@@ -140,7 +149,7 @@ def qemu_argv(spec: VMSpec, state_dir: Path, accel: str, channel: str) -> list[s
         "-device", "virtio-net-pci,netdev=net0,romfile=",
     ]
     if channel == "vsock":
-        argv += ["-device", f"vhost-vsock-pci,guest-cid={VSOCK_CID}"]
+        argv += ["-device", f"vhost-vsock-pci,guest-cid={vsock_cid(state_dir)}"]
     else:
         argv += ["-device", "virtio-serial-pci,id=vser0",
                  "-chardev", f"socket,id=agent,path={state_dir / 'agent.sock'},server=on,wait=off",
@@ -297,7 +306,7 @@ def _boot_once(spec: VMSpec, state_dir: Path, accel: str, channel: str,
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=qemu_log,
                             start_new_session=True, close_fds=True)
     qemu_log.close()
-    addr = (f"vsock://{VSOCK_CID}:{VSOCK_PORT}" if channel == "vsock"
+    addr = (f"vsock://{vsock_cid(state_dir)}:{VSOCK_PORT}" if channel == "vsock"
             else f"unix://{state_dir / 'agent.sock'}")
     st = VMState(pid=proc.pid, accel=accel, channel=channel, server_addr=addr,
                  qmp=str(state_dir / "qmp.sock"), console=str(state_dir / "console.log"),

@@ -140,7 +140,9 @@ def test_qemu_argv_serial_channel(tmp_path):
     assert "vhost-vsock" not in s
     kvm = vm.qemu_argv(spec, tmp_path, "kvm", "vsock")
     assert kvm[kvm.index("-cpu") + 1] == "host"
-    assert "vhost-vsock-pci,guest-cid=3" in " ".join(kvm)
+    cid = vm.vsock_cid(tmp_path)
+    assert cid >= 3 and f"vhost-vsock-pci,guest-cid={cid}" in " ".join(kvm)
+    assert vm.vsock_cid(tmp_path) == cid and vm.vsock_cid(tmp_path / "other") != cid
     assert "virtserialport" not in " ".join(kvm)
 
 
