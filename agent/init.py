@@ -139,12 +139,6 @@ class Init:
         self._daemon_err: int | None = None
         self._err_buf = bytearray()
         os.makedirs(cfg.run_dir, mode=0o755, exist_ok=True)
-        # The daemon's own corner of the run dir (bundles it writes, files the host copies
-        # in): owned by its unprivileged uid, the one place it may write.
-        ddir = os.path.join(cfg.run_dir, "daemon")
-        os.makedirs(ddir, mode=0o700, exist_ok=True)
-        if os.geteuid() == 0:
-            os.chown(ddir, cfg.daemon_uid, cfg.daemon_gid)
         # Outside a VM the host's /etc/resolv.conf is not the sandbox's to write.
         resolv = "/etc/resolv.conf" if vm else os.path.join(cfg.run_dir, "resolv.conf")
         self.sandbox = Sandbox(cfg.run_dir, cfg.oci_runtime,

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from . import fsutil
+from .digest import chain_ids as _chain_ids
 
 _DIGEST_RE = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
 _SNAPSHOT_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
@@ -75,15 +76,11 @@ def _chain_hex(chain_id: str) -> str:
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:
-    """OCI image-spec ChainID: ChainID(L0) = DiffID(L0); ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))."""
-    out: list[str] = []
+    """OCI image-spec ChainIDs (puller.digest.chain_ids), refusing a bad diff id with the
+    store's own InvalidDigest."""
     for d in diff_ids:
         parse_digest(d, what="diff id")
-        if not out:
-            out.append(d)
-        else:
-            out.append("sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
-    return out
+    return _chain_ids(diff_ids)
 
 
 @dataclass

@@ -99,8 +99,6 @@ class AgentService:
             log.warning("cannot read init's process table: %s", exc)
             return
         table = rep.result
-        for fd in rep.fds:
-            os.close(fd)
         # the stdio ends init kept for us, two processes per request (fds per packet are capped)
         kept: dict[str, dict[str, int]] = {}
         fds: list[int] = []
@@ -250,10 +248,7 @@ class AgentService:
             await self._refresh_exit(proc)
 
     async def _refresh_exit(self, proc: Process) -> None:
-        rep = await self.init.call("table")
-        for fd in rep.fds:  # the table carries stdio ends for a restarted daemon; not needed here
-            os.close(fd)
-        table = rep.result
+        table = (await self.init.call("table")).result
         for p in table.get("processes", []):
             if p["pid"] == proc.pid and p.get("exited"):
                 self._exited(proc, p["exit_code"])

@@ -115,8 +115,9 @@ class Sandbox:
             argv += ["--log", log, "--log-format", "json"]
         return argv + list(args)
 
-    def _spawn(self, argv: list[str], stdio: list[int | None]) -> int:
-        """posix_spawn ``argv`` with the given fds as 0, 1, 2 (None = /dev/null)."""
+    def _spawn(self, argv: list[str], stdio: list[int | None], env: dict | None = None) -> int:
+        """posix_spawn ``argv`` with the given fds as 0, 1, 2 (None = /dev/null), in init's
+        environment plus ``env``."""
         null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         # Copies at >= 10 first: a source that is itself 0, 1 or 2 would otherwise be
         # overwritten by an earlier dup2 of the chain.
@@ -124,7 +125,8 @@ class Sandbox:
                 for fd in stdio]
         try:
             actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(srcs)]
-            return os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions,
+            return os.posix_spawnp(argv[0], argv, {**os.environ, **env} if env else os.environ,
+                                   file_actions=actions,
                                    setsigdef=(signal.SIGCHLD, signal.SIGPIPE, signal.SIGTERM,
                                               signal.SIGINT, signal.SIGHUP),
                                    setsigmask=())

@@ -170,15 +170,7 @@ def _json_job(sandbox, argv: list[str], what: str, env: dict | None = None):
     log = sandbox._tmp("log")
     logfd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        saved = dict(os.environ)
-        if env:
-            os.environ.update(env)
-        try:
-            pid = sandbox._spawn(argv, [None, w, logfd])
-        finally:
-            if env:
-                os.environ.clear()
-                os.environ.update(saved)
+        pid = sandbox._spawn(argv, [None, w, logfd], env)
     finally:
         os.close(w)
         os.close(logfd)
@@ -216,15 +208,10 @@ def _pull_args(op: PullImage, store: str) -> list[str]:
     return argv
 
 
-_pull_seq = 0
-
-
 def _pull_in_container(sandbox, op: PullImage, store: str):
     """The puller as a helper container run by the OCI runtime (`run`: create, start, wait);
     its stdout, the job's answer, comes through the runtime to init."""
-    global _pull_seq
-    _pull_seq += 1
-    cid = f"puller-{os.getpid()}-{_pull_seq}"
+    cid = os.path.basename(sandbox._tmp("puller"))  # unique within this init
     bundle = os.path.join(sandbox.state_dir, "bundles", cid)
     os.makedirs(bundle, mode=0o700)
     os.makedirs(store, exist_ok=True)
@@ -246,12 +233,9 @@ def _pull_in_container(sandbox, op: PullImage, store: str):
             return inner(j)
         finally:
             shutil.rmtree(bundle, ignore_errors=True)
-            # `run` deletes the container when it exits; a killed run may leave it behind
-            pid = sandbox._spawn(sandbox._rt(None, "delete", "--force", cid), [None, None, None])
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
+            # `run` deletes the container when it exits; a killed run may leave it behind.
+            # Not waited for here (init's loop must not block): the reaper collects it.
+            sandbox._spawn(sandbox._rt(None, "delete", "--force", cid), [None, None, None])
     job.finish = finish
     return job
 

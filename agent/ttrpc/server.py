@@ -255,35 +255,54 @@ class _Connection:
         if len(self.inflight) >= MAX_INFLIGHT:
             self._reply_error(sid, Code.RESOURCE_EXHAUSTED, f"more than {MAX_INFLIGHT} calls in flight on this connection")
             return
-        method = self.server._services.get(req.service, {}).get(req.method)
-        if method is not None and method.inline:
+        self.server.stats.calls += 1
+        try:
+            method = self.server._lookup(req.service, req.method)
+        except TTRPCError as exc:
+            self.server.stats.errors += 1
+            self._reply_error(sid, Code(exc.code), exc.message)
+            return
+        if method.inline:
             self.outbuf.append(fr.pack_frame(sid, fr.TYPE_RESPONSE, self._call_inline(sid, req, method)))
             return
         self.inflight.add(sid)
-        self.nursery.start_soon(self._call, sid, req)
+        self.nursery.start_soon(self._call, sid, req, method)
+
+    def _context(self, sid: int, req: Request, method: Method) -> tuple[CallContext, Message]:
+        """The handler's arguments: its context and the decoded request."""
+        try:
+            msg = method.request_cls.FromString(req.payload)
+        except DecodeError as exc:
+            raise TTRPCError(Code.INVALID_ARGUMENT,
+                             f"{req.service}/{req.method}: cannot decode {method.request_cls.DESCRIPTOR.full_name}: {exc}")
+        md: dict[str, list[str]] = {}
+        for kv in req.metadata:
+            md.setdefault(kv.key.lower(), []).append(kv.value)
+        deadline = trio.current_time() + req.timeout_nano / 1e9 if req.timeout_nano > 0 else math.inf
+        return CallContext(req.service, req.method, sid, md, deadline, self.peer), msg
+
+    @staticmethod
+    def _encode(req: Request, result: Message) -> bytes:
+        payload = result.SerializeToString()
+        if len(payload) + 16 > fr.MAX_MESSAGE:
+            raise TTRPCError(Code.RESOURCE_EXHAUSTED,
+                             f"{req.service}/{req.method}: response of {len(payload)} bytes exceeds the "
+                             f"{fr.MAX_MESSAGE}-byte message limit")
+        return _ok_response(payload)
+
+    def _error_response(self, req: Request, exc: Exception) -> bytes:
+        code, message = status_of(exc)
+        if code in (Code.UNKNOWN, Code.INTERNAL):
+            log.exception("%s/%s failed", req.service, req.method)
+        self.server.stats.errors += 1
+        return Response(status=Status(code=int(code), message=message)).SerializeToString()
 
     def _call_inline(self, sid: int, req: Request, method: Method) -> bytes:
-        self.server.stats.calls += 1
         try:
-            try:
-                msg = method.request_cls.FromString(req.payload)
-            except DecodeError as exc:
-                raise TTRPCError(Code.INVALID_ARGUMENT,
-                                 f"{req.service}/{req.method}: cannot decode {method.request_cls.DESCRIPTOR.full_name}: {exc}")
-            md: dict[str, list[str]] = {}
-            for kv in req.metadata:
-                md.setdefault(kv.key.lower(), []).append(kv.value)
-            deadline = trio.current_time() + req.timeout_nano / 1e9 if req.timeout_nano > 0 else math.inf
-            payload = method.handler(CallContext(req.service, req.method, sid, md, deadline, self.peer), msg).SerializeToString()
-            if len(payload) + 16 > fr.MAX_MESSAGE:
-                raise TTRPCError(Code.RESOURCE_EXHAUSTED, f"{req.service}/{req.method}: response too large")
-            return _ok_response(payload)
+            ctx, msg = self._context(sid, req, method)
+            return self._encode(req, method.handler(ctx, msg))
         except Exception as exc:  # noqa: BLE001 - a handler bug must answer, not kill the server
-            code, message = status_of(exc)
-            if code in (Code.UNKNOWN, Code.INTERNAL):
-                log.exception("%s/%s failed", req.service, req.method)
-            self.server.stats.errors += 1
-            return Response(status=Status(code=int(code), message=message)).SerializeToString()
+            return self._error_response(req, exc)
 
     def _reply_error(self, sid: int, code: Code, message: str) -> None:
         resp = Response(status=Status(code=int(code), message=message))
@@ -316,49 +335,23 @@ class _Connection:
         finally:
             self.send_waiters -= 1
 
-    async def _call(self, sid: int, req: Request) -> None:
-        server = self.server
-        server.stats.calls += 1
+    async def _call(self, sid: int, req: Request, method: Method) -> None:
         try:
             try:
-                method = server._lookup(req.service, req.method)
-                try:
-                    msg = method.request_cls.FromString(req.payload)
-                except DecodeError as exc:
-                    raise TTRPCError(Code.INVALID_ARGUMENT,
-                                     f"{req.service}/{req.method}: cannot decode {method.request_cls.DESCRIPTOR.full_name}: {exc}")
-                md: dict[str, list[str]] = {}
-                for kv in req.metadata:
-                    md.setdefault(kv.key.lower(), []).append(kv.value)
-                timeout = req.timeout_nano
-                if timeout > 0:
-                    deadline = trio.current_time() + timeout / 1e9
-                    ctx = CallContext(req.service, req.method, sid, md, deadline, self.peer)
-                    with trio.CancelScope(deadline=deadline) as scope:
+                ctx, msg = self._context(sid, req, method)
+                if ctx.deadline < math.inf:
+                    with trio.CancelScope(deadline=ctx.deadline) as scope:
                         result = await method.handler(ctx, msg)
                     if scope.cancelled_caught:
                         raise TTRPCError(Code.DEADLINE_EXCEEDED, f"{req.service}/{req.method}: deadline exceeded")
                 else:
-                    ctx = CallContext(req.service, req.method, sid, md, math.inf, self.peer)
                     result = await method.handler(ctx, msg)
-                payload = result.SerializeToString()
-                if len(payload) + 16 > fr.MAX_MESSAGE:
-                    raise TTRPCError(Code.RESOURCE_EXHAUSTED,
-                                     f"{req.service}/{req.method}: response of {len(payload)} bytes exceeds the "
-                                     f"{fr.MAX_MESSAGE}-byte message limit")
-            except TTRPCError as exc:
-                code, message = status_of(exc)
+                data = self._encode(req, result)
             except trio.Cancelled:
                 raise
             except Exception as exc:  # noqa: BLE001 - a handler bug must answer, not kill the server
-                code, message = status_of(exc)
-                if code in (Code.UNKNOWN, Code.INTERNAL):
-                    log.exception("%s/%s failed", req.service, req.method)
-            else:
-                await self._send(sid, _ok_response(payload))
-                return
-            server.stats.errors += 1
-            await self._send(sid, Response(status=Status(code=int(code), message=message)).SerializeToString())
+                data = self._error_response(req, exc)
+            await self._send(sid, data)
         finally:
             self.inflight.discard(sid)
 
