@@ -9,13 +9,19 @@ serves the host.
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import socket
-import stat
-import time
-import sys
+# First, before the imports below pull in anything heavy (logging brings tokenize through
+# linecache): what the daemon's libraries import but it never runs stays unrun.
+from agent.daemon import deferred
+
+deferred.install()
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+import stat  # noqa: E402
+import time  # noqa: E402
+import sys  # noqa: E402
 
 ENV_PRIVSEP_FD = "SANDBOX_AGENT_PRIVSEP_FD"
 ENV_LISTEN_FD = "SANDBOX_AGENT_LISTEN_FD"
