@@ -15,6 +15,8 @@ from agent.daemon import deferred
 
 deferred.install()
 
+from agent.daemon import heap  # noqa: E402
+
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -90,6 +92,7 @@ def main() -> int:
         log.warning("not started as root: running unconfined as uid %d", os.geteuid())
 
     st = os.fstat(listen_fd)
+    heap.limit_arenas()
 
     async def run() -> None:
         init = InitClient(socket.socket(fileno=privsep_fd))
@@ -99,6 +102,9 @@ def main() -> int:
         async with trio.open_nursery() as n:
             n.start_soon(init.reader)
             await n.start(service.run)
+            # Start-up is over: what it left in the heap goes back before the first request.
+            settled = heap.settle()
+            log.debug("heap settled: %s; deferred modules: %s", settled, deferred.status())
             if stat.S_ISSOCK(st.st_mode):
                 n.start_soon(server.serve_socket, socket.socket(fileno=listen_fd))
             else:

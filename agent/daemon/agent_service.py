@@ -18,6 +18,7 @@ import re
 import signal as signal_mod
 import shutil
 import stat as st
+import sys
 
 import trio
 from google.protobuf import empty_pb2, json_format
@@ -29,6 +30,7 @@ from agent.protos import agent_pb2, types_pb2
 from agent.ttrpc import CallContext, Code, TTRPCError
 
 from agent import specconv
+from . import deferred
 from .state import Container, Process, Sandbox, Status
 from .stdio import Stream, StreamClosed, make_pipe, set_winsize
 
@@ -700,7 +702,10 @@ class AgentService:
         return agent_pb2.OOMEvent(container_id=cid)
 
     async def GetMetrics(self, ctx: CallContext, req: agent_pb2.GetMetricsRequest) -> agent_pb2.Metrics:
-        agent_stats = {"daemon": observe.process_stats(os.getpid())}
+        daemon = observe.process_stats(os.getpid())
+        daemon["python_modules"] = len(sys.modules)
+        daemon["deferred_modules"] = deferred.status()
+        agent_stats = {"daemon": daemon}
         try:
             agent_stats["init"] = (await self.init.call("init_stats")).result
         except (InitError, InitGone):

@@ -29,13 +29,20 @@ from types import ModuleType
 
 # What the comms daemon defers: trio's TLS (ssl) and DTLS (hmac, hashlib) support and
 # hostname encoding (idna: the daemon resolves no names), temporary files (tempfile, from
-# ctypes.util), the compressors shutil offers (bz2, lzma), pickle, and tokenize (linecache
-# reads source only where the source files are readable, and then tokenize.py is too).
+# ctypes.util), the compressors and pattern matching shutil offers (bz2, lzma, fnmatch),
+# pickle, locale (subprocess's text mode), calendar (protobuf's Timestamp helpers),
+# ipaddress (urllib.parse, for pathlib), and tokenize (linecache reads source only where the
+# source files are readable, and then tokenize.py is too).
+# From protobuf, the pure-Python backend that descriptor_pool imports whichever backend runs
+# (python_message brings text_format, the wire decoder and encoder, containers ...): with
+# upb (the C backend, see api_implementation) messages, their text form and descriptors are C.
 # Not here because the daemon uses them after confinement: shutil (rmtree), base64 and
 # json_format (network and stats RPCs), datetime & co (confine.PRELOAD); nor inspect, dis,
 # ast, subprocess, random, platform: trio and attrs use them while importing anyway.
-DAEMON_DEFERRED = ("ssl", "hashlib", "hmac", "idna", "tempfile", "bz2", "lzma", "pickle",
-                   "tokenize")
+DAEMON_DEFERRED = ("ssl", "hashlib", "hmac", "idna", "tempfile", "bz2", "lzma", "fnmatch",
+                   "pickle", "locale", "calendar", "ipaddress", "tokenize",
+                   "google.protobuf.internal.python_message", "google.protobuf.descriptor_database",
+                   "google.protobuf.internal.python_edition_defaults", "google.protobuf.text_encoding")
 
 
 _IMPORT_ATTRS = frozenset({"__name__", "__spec__", "__loader__", "__package__", "__path__",
