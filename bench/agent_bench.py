@@ -126,9 +126,10 @@ def main() -> int:
                 req = agent_pb2.ReadStreamRequest(container_id="out", len=4 << 20)
                 while True:
                     r = await c.call(C.SVC, "ReadStdout", req, agent_pb2.ReadStreamResponse)
-                    if not r.data:
+                    data = r.data  # every read of a bytes field is a new copy: read it once
+                    if not data:
                         break
-                    got += len(r.data)
+                    got += len(data)
                     calls += 1
                 print(f"ReadStdout: {calls} calls, {got / max(calls, 1) / 1024:.0f} KiB per call on average")
                 out_secs = time.perf_counter() - t0
@@ -171,7 +172,8 @@ def main() -> int:
     print(f"agent ExecProcess+Wait /bin/true  : {ms(lat_exec):8.1f}\n")
     print("== ReadStdout throughput ==")
     if out_secs:
-        print(f"{mib(out_bytes)} in {out_secs:.2f}s = {out_bytes / out_secs / 2**20:.0f} MiB/s   (goal >= 500 MB/s)")
+        print(f"{mib(out_bytes)} in {out_secs:.2f}s = {out_bytes / out_secs / 1e6:.0f} MB/s "
+              f"({out_bytes / out_secs / 2**20:.0f} MiB/s)   (goal >= 500 MB/s)")
     return 0
 
 

@@ -81,6 +81,7 @@ def main() -> int:
     from agent.privsep.client import InitClient
     from agent.ttrpc import Server
     from agent.ttrpc.serve import serve_serial_fd
+    from puller import reference  # noqa: F401 - PullImage checks references (hashlib stays deferred)
 
     if os.geteuid() == 0:
         from agent.daemon.confine import confine

@@ -31,16 +31,17 @@ from types import ModuleType
 # hostname encoding (idna: the daemon resolves no names), temporary files (tempfile, from
 # ctypes.util), the compressors and pattern matching shutil offers (bz2, lzma, fnmatch),
 # pickle, locale (subprocess's text mode), calendar (protobuf's Timestamp helpers),
-# ipaddress (urllib.parse, for pathlib), and tokenize (linecache reads source only where the
-# source files are readable, and then tokenize.py is too).
+# and ipaddress (urllib.parse, for pathlib).
 # From protobuf, the pure-Python backend that descriptor_pool imports whichever backend runs
 # (python_message brings text_format, the wire decoder and encoder, containers ...): with
 # upb (the C backend, see api_implementation) messages, their text form and descriptors are C.
 # Not here because the daemon uses them after confinement: shutil (rmtree), base64 and
-# json_format (network and stats RPCs), datetime & co (confine.PRELOAD); nor inspect, dis,
-# ast, subprocess, random, platform: trio and attrs use them while importing anyway.
+# json_format (network and stats RPCs), datetime & co (confine.PRELOAD), tokenize (linecache
+# opens source files with it for every traceback it formats, and the agent's own sources are
+# readable to the confined daemon where the interpreter's may not be); nor inspect, dis, ast,
+# subprocess, random, platform: trio and attrs use them while importing anyway.
 DAEMON_DEFERRED = ("ssl", "hashlib", "hmac", "idna", "tempfile", "bz2", "lzma", "fnmatch",
-                   "pickle", "locale", "calendar", "ipaddress", "tokenize",
+                   "pickle", "locale", "calendar", "ipaddress",
                    "google.protobuf.internal.python_message", "google.protobuf.descriptor_database",
                    "google.protobuf.internal.python_edition_defaults", "google.protobuf.text_encoding")
 
@@ -73,15 +74,16 @@ def _materialise(module: ModuleType) -> None:
     # Back to a plain module first: the module's own code reads its globals through the
     # module object (and may import itself), which must not recurse into here.
     module.__class__ = ModuleType
-    spec.loader = loader
-    spec.loader_state = None
     try:
         loader.exec_module(module)
     except BaseException:
-        # Half-run: drop it so a later import starts over and sees the same error.
-        if sys.modules.get(spec.name) is module:
-            del sys.modules[spec.name]
+        # It could not run (its file unreadable, its own imports failing): deferred again,
+        # so every later use meets the same error instead of an empty module that other
+        # modules already hold a reference to.
+        module.__class__ = _DeferredModule
         raise
+    spec.loader = loader
+    spec.loader_state = None
     _FINDER.materialised.append(spec.name)
 
 
