@@ -111,8 +111,10 @@ def main() -> int:
             else:
                 n.start_soon(serve_serial_fd, server, listen_fd)
             # init closing the channel means it wants us gone (or died): stop serving
+            idle_trim = heap.IdleTrim()
             while not init.closed:
                 await trio.sleep(0.5)
+                idle_trim.tick(server.stats.calls, trio.current_time())
             n.cancel_scope.cancel()
 
     trio.run(run)

@@ -1,13 +1,13 @@
 """Deferred imports: modules the daemon's libraries import but the daemon never runs.
 
-``import trio`` alone pulls in ssl (and with it libssl and libcrypto), hashlib and hmac (for
-DTLS), inspect with ast, dis and tokenize (attrs, linecache), tempfile, bz2 and lzma
-(shutil): several MiB of a daemon that serves ttRPC on a unix socket, vsock or serial port
-and never touches TLS, hashes, source code or archives. :func:`install` puts a finder in
-front of the import system that, for a fixed list of names, creates the module object and
-leaves its code unrun until an attribute other than the import system's own (``__spec__``,
-``__name__``, ``__path__`` ...) is read. ``import ssl`` then costs one empty module object;
-``ssl.SSLContext`` (or ``from ssl import SSLContext``) runs the module, once.
+``import trio`` alone pulls in ssl (and with it libssl and libcrypto), hmac and hashlib (for
+DTLS), tempfile, bz2 and lzma (through ctypes.util and shutil); protobuf imports its pure-Python
+backend even when the C one (upb) runs: several MiB of a daemon that serves ttRPC on a unix
+socket, vsock or serial port and never touches TLS, hashes or archives. :func:`install` puts
+a finder in front of the import system that, for a fixed list of names, creates the module
+object and leaves its code unrun until an attribute other than the import system's own
+(``__spec__``, ``__name__``, ``__path__`` ...) is read. ``import ssl`` then costs one empty
+module object; ``ssl.SSLContext`` (or ``from ssl import SSLContext``) runs the module, once.
 
 Unlike :class:`importlib.util.LazyLoader`, whose module runs on any attribute read, the
 import system's own look-up of ``__spec__`` (done on the second ``import ssl`` anywhere)

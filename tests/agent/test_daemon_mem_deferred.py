@@ -172,3 +172,19 @@ def test_heap_settle_collects_freezes_and_trims(tmp_path):
     assert r["frozen"] == r["freeze_count"] > 1000
     assert isinstance(r["trimmed"], bool)
     assert r["arenas"] is True
+
+
+def test_idle_trim_once_per_burst_after_quiet():
+    from agent.daemon.heap import IdleTrim
+
+    trims = []
+    t = IdleTrim(quiet=2.0, trim_fn=lambda: trims.append(1))
+    assert not t.tick(0, 0.0)           # no calls yet: nothing to give back
+    assert not t.tick(0, 10.0)
+    assert not t.tick(5, 11.0)          # a burst
+    assert not t.tick(9, 12.0)          # still busy
+    assert not t.tick(9, 13.5)          # quiet for 1.5 s only
+    assert t.tick(9, 14.0) and trims == [1]
+    assert not t.tick(9, 30.0) and trims == [1]   # once per burst
+    assert not t.tick(10, 31.0)
+    assert t.tick(10, 33.5) and trims == [1, 1]
