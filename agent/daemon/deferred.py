@@ -23,6 +23,7 @@ check that none of them ran.
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib.machinery import ModuleSpec, SourceFileLoader, SourcelessFileLoader
 from types import ModuleType
@@ -36,14 +37,25 @@ from types import ModuleType
 # (python_message brings text_format, the wire decoder and encoder, containers ...): with
 # upb (the C backend, see api_implementation) messages, their text form and descriptors are C.
 # Not here because the daemon uses them after confinement: shutil (rmtree), base64 and
-# json_format (network and stats RPCs), datetime & co (confine.PRELOAD), tokenize (linecache
-# opens source files with it for every traceback it formats, and the agent's own sources are
-# readable to the confined daemon where the interpreter's may not be); nor inspect, dis, ast,
-# subprocess, random, platform: trio and attrs use them while importing anyway.
+# json_format (network and stats RPCs), datetime & co (confine.PRELOAD); nor inspect, dis,
+# ast, subprocess, random, platform: trio and attrs use them while importing anyway.
 DAEMON_DEFERRED = ("ssl", "hashlib", "hmac", "idna", "tempfile", "bz2", "lzma", "fnmatch",
                    "pickle", "locale", "calendar", "ipaddress",
                    "google.protobuf.internal.python_message", "google.protobuf.descriptor_database",
                    "google.protobuf.internal.python_edition_defaults", "google.protobuf.text_encoding")
+
+# Deferred only where the code runs from bytecode alone (the guest's tree has no .py files):
+# linecache opens a source file with tokenize for each traceback line it formats, and where
+# the agent's sources exist (a development host) the confined daemon can read them but maybe
+# not the interpreter's tokenize.py.
+SOURCELESS_DEFERRED = ("tokenize",)
+
+
+def daemon_deferred() -> tuple[str, ...]:
+    """What the comms daemon defers here: DAEMON_DEFERRED, and SOURCELESS_DEFERRED when this
+    module was loaded from bytecode without its source."""
+    sourceless = not __file__.endswith(".py") and not os.path.exists(__file__[:-1])
+    return DAEMON_DEFERRED + (SOURCELESS_DEFERRED if sourceless else ())
 
 
 _IMPORT_ATTRS = frozenset({"__name__", "__spec__", "__loader__", "__package__", "__path__",
@@ -132,9 +144,10 @@ class DeferringFinder:
 _FINDER = DeferringFinder()
 
 
-def install(names=DAEMON_DEFERRED) -> DeferringFinder:
-    """Defer ``names`` from now on (those not imported yet). Idempotent; returns the finder."""
-    _FINDER.names = _FINDER.names | frozenset(names)
+def install(names=None) -> DeferringFinder:
+    """Defer ``names`` (default: :func:`daemon_deferred`) from now on, those not imported
+    yet. Idempotent; returns the finder."""
+    _FINDER.names = _FINDER.names | frozenset(daemon_deferred() if names is None else names)
     if _FINDER not in sys.meta_path:
         sys.meta_path.insert(0, _FINDER)
     return _FINDER

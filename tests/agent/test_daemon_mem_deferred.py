@@ -188,3 +188,23 @@ def test_idle_trim_once_per_burst_after_quiet():
     assert not t.tick(9, 30.0) and trims == [1]   # once per burst
     assert not t.tick(10, 31.0)
     assert t.tick(10, 33.5) and trims == [1, 1]
+
+
+def test_tokenize_deferred_only_without_sources(tmp_path):
+    """The guest runs from bytecode alone: there linecache never opens a source, so tokenize
+    waits too; from source (a development host) it does not."""
+    import py_compile
+
+    src = REPO / "agent" / "daemon" / "deferred.py"
+    (tmp_path / "src_only").mkdir()
+    (tmp_path / "src_only" / "dm_deferred.py").write_text(src.read_text())
+    (tmp_path / "pyc_only").mkdir()
+    py_compile.compile(str(src), cfile=str(tmp_path / "pyc_only" / "dm_deferred.pyc"), doraise=True)
+    got = {}
+    for d in ("src_only", "pyc_only"):
+        out = subprocess.run([sys.executable, "-c", "import json, dm_deferred; print(json.dumps(dm_deferred.daemon_deferred()))"],
+                             cwd=tmp_path / d, capture_output=True, text=True, env={"PYTHONPATH": str(tmp_path / d)})
+        assert out.returncode == 0, out.stderr
+        got[d] = json.loads(out.stdout)
+    assert "tokenize" not in got["src_only"] and "ssl" in got["src_only"]
+    assert got["pyc_only"] == got["src_only"] + ["tokenize"]
