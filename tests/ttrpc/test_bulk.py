@@ -220,3 +220,17 @@ def test_frame_reader_receives_big_frames_in_place_and_reuses_the_buffer():
     # three frames over the 64 KiB chunk received in place: the 2 MiB one reuses the 3 MiB
     # one's buffer, the 4 MiB one needs a bigger buffer
     assert len(buffers) == 3 and buffers[0] is buffers[1] and buffers[2] is not buffers[0]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=300000), st.lists(st.integers(0, 300000), max_size=4), st.integers(0, 2**31 - 1))
+def test_frame_parts_are_the_plain_paths_bytes(data, cuts, sid):
+    """A pre-encoded answer framed by the server is byte for byte the frame of the same message
+    built, serialised and wrapped the ordinary way."""
+    from agent.ttrpc.server import _Connection
+    from agent.ttrpc.ttrpc_pb2 import Request
+
+    enc = bytes_field(READ_STREAM_DATA, _parts(data, cuts))
+    got = b"".join(_Connection._frame_parts(sid, Request(service="s", method="m"), enc))
+    want = fr.pack_frame(sid, fr.TYPE_RESPONSE, _ok_response(agent_pb2.ReadStreamResponse(data=data).SerializeToString()))
+    assert got == want
