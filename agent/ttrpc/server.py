@@ -201,6 +201,9 @@ def _widen_send_buffer(conn: socket.socket) -> None:
 
 # Asked of the kernel per connection; it doubles the value for its bookkeeping.
 SEND_BUFFER = 2 << 20
+# Buffers per sendmsg(): under Linux's IOV_MAX (1024). A pty gives at most 4 KiB per read,
+# so one ReadStdout of a terminal may be hundreds of pieces.
+IOV_BATCH = 512
 
 
 class _RawSocket:
@@ -237,9 +240,10 @@ class _RawSocket:
 
     def try_send_parts(self, parts: list) -> int:
         """sendmsg() of the buffers in order, without joining them: bytes written (0 when the
-        socket is full)."""
+        socket is full). At most IOV_BATCH buffers per call (the kernel refuses more than
+        IOV_MAX): the rest is a partial write like any other."""
         try:
-            return self.sock.sendmsg(parts)
+            return self.sock.sendmsg(parts[:IOV_BATCH] if len(parts) > IOV_BATCH else parts)
         except BlockingIOError:
             return 0
 

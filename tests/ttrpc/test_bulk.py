@@ -86,7 +86,9 @@ def _bulk_server():
     async def read(ctx, req: KeyValue) -> Encoded:
         data = _pattern(int(req.key), int(req.value or 0))
         await trio.sleep(0)
-        return bytes_field(2, [data[i:i + (1 << 20)] for i in range(0, len(data), 1 << 20)])
+        # seeds over 1000: pieces of 1 KiB, thousands of them (a terminal's reads are that small)
+        step = 1024 if int(req.value or 0) > 1000 else 1 << 20
+        return bytes_field(2, [data[i:i + step] for i in range(0, len(data), step)])
 
     server.register(BULK, "Read", KeyValue, read)
     return server
@@ -128,6 +130,7 @@ def test_bulk_answers_over_a_socket_with_others_in_flight(sock_path, sndbuf, mon
                             calls.start_soon(big, i, size)
                             calls.start_soon(big_msg, i, size)
                             calls.start_soon(small, i)
+                        calls.start_soon(big_msg, 1001, 3 << 20)  # 3072 pieces in one answer
                 n.cancel_scope.cancel()
 
     trio.run(main)
@@ -137,6 +140,7 @@ def test_bulk_answers_over_a_socket_with_others_in_flight(sock_path, sndbuf, mon
         raw = got[("raw", i, size)]
         assert raw == _Bytes2(data=want).SerializeToString(), (i, size)
         assert got[("small", i, 0)] == f"s{i}".encode()
+    assert got[("msg", 1001, 3 << 20)] == _pattern(3 << 20, 1001)
 
 
 # A message with one bytes field numbered 2, to decode Bulk/Read answers: built from a
