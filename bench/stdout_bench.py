@@ -65,9 +65,11 @@ async def main():
     async with trio.open_nursery() as n:
         n.start_soon(server.serve_socket, lsock)
         await writer.wait()
-        # the client reads to EOF, then closes: give it the time it needs
-        while server.stats.calls == 0 or os.path.exists(path + ".busy"):
-            await trio.sleep(0.01)
+        # the client reads to EOF, then removes the .busy file; a client that died never
+        # does: give up after a minute rather than linger
+        with trio.move_on_after(60):
+            while server.stats.calls == 0 or os.path.exists(path + ".busy"):
+                await trio.sleep(0.01)
         n.cancel_scope.cancel()
     t = os.times()
     print(f"{t.user + t.system:.3f}", flush=True)
@@ -111,12 +113,20 @@ def one(mib: int, length: int) -> dict:
             out.update(secs=time.perf_counter() - t0, client_cpu=time.process_time() - c0, bytes=got, calls=calls,
                        faults=resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 
-    trio.run(body)
-    os.unlink(path + ".busy")
-    server_cpu = float(srv.communicate(timeout=60)[0].strip().splitlines()[-1])
-    out["server_cpu"] = server_cpu
-    os.unlink(path)
-    os.rmdir(tmp)
+    try:
+        trio.run(body)
+    finally:
+        os.unlink(path + ".busy")
+        try:
+            server_out = srv.communicate(timeout=90)[0]
+        finally:
+            if srv.poll() is None:
+                srv.kill()
+                srv.wait()
+            for f in os.listdir(tmp):
+                os.unlink(os.path.join(tmp, f))
+            os.rmdir(tmp)
+    out["server_cpu"] = float(server_out.strip().splitlines()[-1])
     if out["bytes"] != mib << 20:
         raise RuntimeError(f"read {out['bytes']} bytes, expected {mib << 20}")
     return out
