@@ -332,6 +332,16 @@ def add_agent_process(ex: Exposition, role: str, stats: dict) -> None:
     if "threads" in stats:
         ex.add("sandbox_agent_process_threads", "gauge", "Threads of an agent process.",
                stats["threads"], lab)
+    if "python_modules" in stats:
+        ex.add("sandbox_agent_process_python_modules", "gauge",
+               "Modules in an agent process's sys.modules (deferred ones included).",
+               stats["python_modules"], lab)
+    for name, state in sorted(stats.get("deferred_modules", {}).items()):
+        ex.add("sandbox_agent_process_deferred_module", "gauge",
+               "A module whose code an agent process defers until first use: 1 in the state "
+               "it is in (deferred: never run; loaded: ran after all; eager: imported before "
+               "deferral began; absent: never imported).",
+               1, {**lab, "module": name, "state": state})
 
 
 def render_metrics(agent: dict[str, dict] | None = None,

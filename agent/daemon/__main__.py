@@ -9,13 +9,21 @@ serves the host.
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import socket
-import stat
-import time
-import sys
+# First, before the imports below pull in anything heavy (logging brings tokenize through
+# linecache): what the daemon's libraries import but it never runs stays unrun.
+from agent.daemon import deferred
+
+deferred.install()
+
+from agent.daemon import heap  # noqa: E402
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+import stat  # noqa: E402
+import time  # noqa: E402
+import sys  # noqa: E402
 
 ENV_PRIVSEP_FD = "SANDBOX_AGENT_PRIVSEP_FD"
 ENV_LISTEN_FD = "SANDBOX_AGENT_LISTEN_FD"
@@ -73,6 +81,7 @@ def main() -> int:
     from agent.privsep.client import InitClient
     from agent.ttrpc import Server
     from agent.ttrpc.serve import serve_serial_fd
+    from puller import reference  # noqa: F401 - PullImage checks references (hashlib stays deferred)
 
     if os.geteuid() == 0:
         from agent.daemon.confine import confine
@@ -84,6 +93,7 @@ def main() -> int:
         log.warning("not started as root: running unconfined as uid %d", os.geteuid())
 
     st = os.fstat(listen_fd)
+    heap.limit_arenas()
 
     async def run() -> None:
         init = InitClient(socket.socket(fileno=privsep_fd))
@@ -93,13 +103,18 @@ def main() -> int:
         async with trio.open_nursery() as n:
             n.start_soon(init.reader)
             await n.start(service.run)
+            # Start-up is over: what it left in the heap goes back before the first request.
+            settled = heap.settle()
+            log.debug("heap settled: %s; deferred modules: %s", settled, deferred.status())
             if stat.S_ISSOCK(st.st_mode):
                 n.start_soon(server.serve_socket, socket.socket(fileno=listen_fd))
             else:
                 n.start_soon(serve_serial_fd, server, listen_fd)
             # init closing the channel means it wants us gone (or died): stop serving
+            idle_trim = heap.IdleTrim()
             while not init.closed:
                 await trio.sleep(0.5)
+                idle_trim.tick(server.stats.calls, trio.current_time())
             n.cancel_scope.cancel()
 
     trio.run(run)

@@ -18,6 +18,7 @@ import re
 import signal as signal_mod
 import shutil
 import stat as st
+import sys
 
 import trio
 from google.protobuf import empty_pb2, json_format
@@ -27,8 +28,10 @@ from agent.launcher.cgroups import open_cgroup
 from agent.privsep.client import InitClient, InitError, InitGone
 from agent.protos import agent_pb2, types_pb2
 from agent.ttrpc import CallContext, Code, TTRPCError
+from agent.ttrpc.server import Encoded, bytes_field
 
 from agent import specconv
+from . import deferred
 from .state import Container, Process, Sandbox, Status
 from .stdio import Stream, StreamClosed, make_pipe, set_winsize
 
@@ -36,6 +39,8 @@ log = logging.getLogger("agent.daemon")
 
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}\Z")
 EMPTY = empty_pb2.Empty
+# ReadStreamResponse's one field, `bytes data = 1` (a test holds it to the descriptor)
+READ_STREAM_DATA = 1
 STORAGE_DRIVERS = ("local", "ephemeral", "bind", "virtio-fs", "virtiofs", "blk", "virtio-blk", "scsi", "9p",
                    "image_guest_pull")
 
@@ -633,18 +638,18 @@ class AgentService:
         return resp.rootfs
 
     # ---- stdio ---------------------------------------------------------------------------
-    async def _read(self, req: agent_pb2.ReadStreamRequest, which: str) -> agent_pb2.ReadStreamResponse:
+    async def _read(self, req: agent_pb2.ReadStreamRequest, which: str) -> Encoded:
         _, p = self._process(req.container_id, req.exec_id)
         stream = p.tty if p.tty is not None else getattr(p, which)
         if stream is None or (which == "stderr" and p.tty is not None):
-            return agent_pb2.ReadStreamResponse()  # no such stream: EOF
-        data = await stream.read(req.len or 32 * 1024)
-        return agent_pb2.ReadStreamResponse(data=data)
+            return bytes_field(READ_STREAM_DATA, [])  # no such stream: EOF
+        # ReadStreamResponse{data} encoded here, around the buffers as read: the bulk path
+        return bytes_field(READ_STREAM_DATA, await stream.read_parts(req.len or 32 * 1024))
 
-    async def ReadStdout(self, ctx: CallContext, req: agent_pb2.ReadStreamRequest) -> agent_pb2.ReadStreamResponse:
+    async def ReadStdout(self, ctx: CallContext, req: agent_pb2.ReadStreamRequest) -> Encoded:
         return await self._read(req, "stdout")
 
-    async def ReadStderr(self, ctx: CallContext, req: agent_pb2.ReadStreamRequest) -> agent_pb2.ReadStreamResponse:
+    async def ReadStderr(self, ctx: CallContext, req: agent_pb2.ReadStreamRequest) -> Encoded:
         return await self._read(req, "stderr")
 
     async def WriteStdin(self, ctx: CallContext, req: agent_pb2.WriteStreamRequest) -> agent_pb2.WriteStreamResponse:
@@ -700,7 +705,10 @@ class AgentService:
         return agent_pb2.OOMEvent(container_id=cid)
 
     async def GetMetrics(self, ctx: CallContext, req: agent_pb2.GetMetricsRequest) -> agent_pb2.Metrics:
-        agent_stats = {"daemon": observe.process_stats(os.getpid())}
+        daemon = observe.process_stats(os.getpid())
+        daemon["python_modules"] = len(sys.modules)
+        daemon["deferred_modules"] = deferred.status()
+        agent_stats = {"daemon": daemon}
         try:
             agent_stats["init"] = (await self.init.call("init_stats")).result
         except (InitError, InitGone):

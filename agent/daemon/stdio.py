@@ -38,11 +38,16 @@ class Stream:
 
     async def read(self, n: int) -> bytes:
         """Up to n bytes; b"" at end of stream (writer side closed and drained)."""
+        return b"".join(await self.read_parts(n))
+
+    async def read_parts(self, n: int) -> list[bytes]:
+        """Up to n bytes as the pieces they were read in (a pipe gives at most its size per
+        read): the caller sends them on without joining. [] at end of stream."""
         n = max(1, min(n, MAX_READ))
         async with self._rlock:
             while True:
                 if self.fd is None:
-                    return b""
+                    return []
                 try:
                     first = os.read(self.fd, n)
                 except BlockingIOError:
@@ -51,10 +56,10 @@ class Stream:
                 except OSError as exc:
                     # A pty master reads EIO once every slave fd is closed: that is its EOF.
                     if exc.errno == errno.EIO:
-                        return b""
+                        return []
                     raise
-                if not first or len(first) == n:
-                    return first
+                if not first:
+                    return []
                 # Fill the answer with whatever else is there now: one RPC per pipe-full
                 # would cap throughput at pipe size / round trip.
                 parts, got = [first], len(first)
@@ -67,7 +72,7 @@ class Stream:
                         break
                     parts.append(more)
                     got += len(more)
-                return b"".join(parts)
+                return parts
 
     async def write(self, data: bytes) -> int:
         async with self._wlock:

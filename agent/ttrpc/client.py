@@ -30,7 +30,33 @@ class _Pending:
 
     def __init__(self) -> None:
         self.event = trio.Event()
-        self.response: Response | None = None
+        # the answer: its payload (a view into the frame when _ok_payload found it) or a
+        # decoded Response carrying an error status
+        self.response: Response | memoryview | None = None
+
+
+def _ok_payload(frame: bytes | bytearray) -> memoryview | None:
+    """The payload of a successful Response as servers encode it - an empty status (field 1)
+    then the payload (field 2) to the end: ``0a 00 [12 <varint n> <n bytes>]`` - as a view,
+    without decoding the envelope or copying the payload. None: anything else (an error
+    status, other field order), for the protobuf decoder."""
+    if frame[:2] != b"\x0a\x00":
+        return None
+    view = memoryview(frame)
+    if len(frame) == 2:
+        return view[2:]
+    if frame[2] != 0x12:
+        return None
+    n = shift = 0
+    i = 3
+    while i < len(frame) and i < 13:
+        b = frame[i]
+        n |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            return view[i:] if len(frame) - i == n else None
+        shift += 7
+    return None
 
 
 class Client:
@@ -42,9 +68,12 @@ class Client:
         self._pending: dict[int, _Pending] = {}
         self._send_lock = trio.Lock()
         self._closed: str | None = None
+        self._frames: fr.FrameReader | None = None
 
     async def _reader(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        reader = fr.FrameReader(self._stream)
+        # a socket stream's own recv_into lets big answers land in place
+        sock = getattr(self._stream, "socket", None)
+        reader = self._frames = fr.FrameReader(self._stream, receive_into=getattr(sock, "recv_into", None))
         task_status.started()
         reason = "connection closed by the server"
         try:
@@ -62,6 +91,11 @@ class Client:
                     p.response.status.code = Code.RESOURCE_EXHAUSTED
                     p.response.status.message = f"response of {f.header.length} bytes exceeds the ttRPC limit"
                 else:
+                    ok = _ok_payload(f.payload)
+                    if ok is not None:
+                        p.response = ok
+                        p.event.set()
+                        continue
                     try:
                         p.response = Response.FromString(f.payload)
                     except DecodeError as exc:
@@ -84,6 +118,10 @@ class Client:
     async def call_raw(self, service: str, method: str, payload: bytes, *, timeout: float | None = None,
                        metadata: Mapping[str, str | list[str]] | None = None) -> bytes:
         """Call and return the response payload bytes; raise TTRPCError on a non-OK status."""
+        return bytes(await self._call(service, method, payload, timeout, metadata))
+
+    async def _call(self, service: str, method: str, payload: bytes, timeout: float | None,
+                    metadata: Mapping[str, str | list[str]] | None) -> bytes | memoryview:
         if self._closed is not None:
             raise ConnectionClosed(self._closed)
         sid = self._next_id
@@ -110,17 +148,23 @@ class Client:
                 raise TTRPCError(Code.DEADLINE_EXCEEDED, f"{service}/{method}: no answer within {timeout}s")
         finally:
             del self._pending[sid]
+        if isinstance(resp, memoryview):
+            return resp
         if resp.status.code != Code.OK:
             raise TTRPCError(resp.status.code, resp.status.message)
         return resp.payload
 
     async def call(self, service: str, method: str, request: Message, response_cls: type[M], *,
                    timeout: float | None = None, metadata: Mapping[str, str | list[str]] | None = None) -> M:
-        payload = await self.call_raw(service, method, request.SerializeToString(), timeout=timeout, metadata=metadata)
+        payload = await self._call(service, method, request.SerializeToString(), timeout, metadata)
         try:
             return response_cls.FromString(payload)
         except DecodeError as exc:
             raise TTRPCError(Code.INTERNAL, f"{service}/{method}: cannot decode {response_cls.DESCRIPTOR.full_name}: {exc}")
+        finally:
+            # decoding copied what it needed: the frame's memory can take the next answer
+            if isinstance(payload, memoryview) and self._frames is not None:
+                self._frames.recycle(payload)
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self._stream)

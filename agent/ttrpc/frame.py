@@ -50,7 +50,9 @@ class FrameError(Exception):
 @dataclass(slots=True)
 class Frame:
     header: Header
-    payload: bytes | None  # None when the message was over MAX_MESSAGE and was discarded
+    # None when the message was over MAX_MESSAGE and was discarded; a memoryview when it was
+    # received in place (see FrameReader's receive_into and recycle)
+    payload: bytes | memoryview | None
 
 
 class FrameReader:
@@ -61,13 +63,19 @@ class FrameReader:
     that stream and carry on, as Go's ttrpc does.
     """
 
-    __slots__ = ("_receive", "_buf", "_chunk")
+    __slots__ = ("_receive", "_receive_into", "_buf", "_chunk", "_spare")
 
-    def __init__(self, stream, chunk: int = 64 * 1024, *, receive=None) -> None:
+    def __init__(self, stream, chunk: int = 64 * 1024, *, receive=None, receive_into=None) -> None:
         # `receive(n)` may replace stream.receive_some: the server passes a socket fast path.
         self._receive = receive or stream.receive_some
+        # `receive_into(buffer, n)`, when given, receives a big message straight into its own
+        # buffer: no growing of the read buffer, no copy out of it.
+        self._receive_into = receive_into
         self._buf = bytearray()
         self._chunk = chunk
+        # a big message's buffer, handed back by its consumer (recycle) for the next one:
+        # fresh multi-MiB buffers cost a page fault per 4 KiB, more than the copy into them
+        self._spare: bytearray | None = None
 
     async def _fill(self, need: int) -> bool:
         """Read until `need` bytes are buffered. False on a clean EOF before any byte."""
@@ -102,11 +110,40 @@ class FrameReader:
             await self._discard(length)
             return Frame(header, None)
         end = HEADER_SIZE + length
+        if len(buf) < end and length > self._chunk and self._receive_into is not None:
+            return Frame(header, await self._read_into(length))
         if len(buf) < end and not await self._fill(end):
             raise FrameError("connection closed mid-frame")
         payload = bytes(buf[HEADER_SIZE:end])
         del buf[:end]
         return Frame(header, payload)
+
+    def recycle(self, payload) -> None:
+        """Give back a payload read in place (a memoryview of it will do) once nothing reads
+        it any more: the next big message is received into the same memory."""
+        if isinstance(payload, memoryview):
+            payload = payload.obj
+        if isinstance(payload, bytearray) and (self._spare is None or len(payload) > len(self._spare)):
+            self._spare = payload
+
+    async def _read_into(self, length: int) -> memoryview:
+        """The rest of a big message, received in place; the read buffer ends up empty."""
+        buf = self._buf
+        spare, self._spare = self._spare, None
+        if spare is None or len(spare) < length:
+            # whole MiBs: messages of varying size still fit the one buffer kept
+            spare = bytearray(-(-length // (1 << 20)) << 20)
+        view = memoryview(spare)[:length]
+        got = len(buf) - HEADER_SIZE
+        view[:got] = memoryview(buf)[HEADER_SIZE:]
+        buf.clear()
+        while got < length:
+            n = await self._receive_into(view[got:], length - got)
+            if not n:
+                raise FrameError(f"connection closed mid-frame ({HEADER_SIZE + got} of "
+                                 f"{HEADER_SIZE + length} bytes)")
+            got += n
+        return view
 
     async def _discard(self, n: int) -> None:
         buf = self._buf

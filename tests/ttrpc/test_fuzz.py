@@ -106,7 +106,7 @@ def mutated_streams(draw):
             del data[i:i + draw(st.integers(1, 20))]
         elif kind == "insert":
             data[i:i] = draw(st.binary(min_size=1, max_size=20))
-        else:  # rewrite a header length with something hostile
+        elif len(data) >= 4:  # rewrite a header length with something hostile
             struct.pack_into(">I", data, 0, draw(st.sampled_from([0, 1, 9, 2**31, 2**32 - 1, (4 << 20) + 1])))
     split = draw(st.integers(0, len(data)))
     return [bytes(data[:split]), bytes(data[split:])]
