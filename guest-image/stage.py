@@ -285,8 +285,10 @@ def chroot_python(out: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def compile_tree(out: str) -> None:
-    """Compile in the staged tree with its own interpreter, then drop the .py sources."""
-    p = chroot_python(out, "-I", "-S", "-B", "-m", "compileall", "-q", "-b", "-f",
+    """Compile in the staged tree with its own interpreter, then drop the .py sources.
+    no_debug_ranges leaves the column tables out of the code objects: tracebacks name lines,
+    not columns, and every process in the guest is ~0.3 MiB smaller (the initrd 1.3 MB)."""
+    p = chroot_python(out, "-I", "-S", "-B", "-X", "no_debug_ranges", "-m", "compileall", "-q", "-b", "-f",
                       "--invalidation-mode", "unchecked-hash", STDLIB)
     if p.returncode != 0:
         raise StageError(f"compileall in the staged tree failed:\n{p.stdout}{p.stderr}")
