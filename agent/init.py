@@ -32,10 +32,11 @@ from . import cmdline
 from .cmdline import AgentConfig
 from .observe import JsonLogger, SocketSink
 from .privsep import ops, sysc, wire
-from .privsep.handlers import Job, OpError, Reply, Sandbox
+from .privsep.handlers import LAUNCHER_NAMES, Job, OpError, Reply, Sandbox, launcher_paths
 from .privsep.listen import open_endpoint, parse_address
 from .privsep.record import asdict, field, record, replace
 from .privsep.state import exit_code
+from .privsep.zygote_link import ZygoteLink, boot_argv
 
 ENV_PRIVSEP_FD = "SANDBOX_AGENT_PRIVSEP_FD"
 ENV_LISTEN_FD = "SANDBOX_AGENT_LISTEN_FD"
@@ -145,6 +146,11 @@ class Init:
                                daemon_ids=(cfg.daemon_uid, cfg.daemon_gid),
                                resolv_conf=resolv)
         self.table = self.sandbox.table
+        self.zygote: ZygoteLink | None = None
+        if cfg.zygote and cfg.oci_runtime in LAUNCHER_NAMES:
+            self.zygote = ZygoteLink(boot_argv(sys.executable, launcher_paths(), os.getpid()),
+                                     self.log)
+            self.sandbox.zygote = self.zygote
         self.daemon = DaemonSlot(daemon_argv)
         self.listen_fd = listen_fd
         self.jobs: dict[int, tuple[Job, int, int]] = {}  # pid -> (job, request id, generation)
@@ -403,6 +409,22 @@ class Init:
             os.close(job.out_r)
             job.out_r = None
 
+    def _job_exited(self, pid: int, status: int) -> None:
+        """A job's child ended: reaped by init, or reported by the warm launcher."""
+        if pid not in self.jobs:
+            return
+        job = self.jobs[pid][0]
+        job.status = status
+        if job.console is not None:  # the runtime died before sending a pty
+            self.sandbox.close_console(job)
+        if job.done:
+            self._finish_job(pid)
+
+    def _zygote_exits(self) -> None:
+        if self.zygote is not None:
+            for pid, status in self.zygote.take_exits():
+                self._job_exited(pid, status)
+
     def reap(self) -> None:
         while True:
             try:
@@ -413,13 +435,12 @@ class Init:
                 return
             if pid == self.daemon.pid:
                 self._daemon_exited(status)
+            elif self.zygote is not None and pid == self.zygote.pid:
+                self.zygote.exited(status)
             elif pid in self.jobs:
-                job = self.jobs[pid][0]
-                job.status = status
-                if job.console is not None:  # the runtime died before sending a pty
-                    self.sandbox.close_console(job)
-                if job.done:
-                    self._finish_job(pid)
+                if self.zygote is not None:
+                    self.zygote.adopted(pid)  # a worker orphaned by the zygote's death
+                self._job_exited(pid, status)
             else:
                 p = self.table.reaped(pid, status)
                 if p is not None:
@@ -446,18 +467,24 @@ class Init:
         return self.exit_status
 
     def _loop(self) -> None:
-        d = self.daemon
+        d, z = self.daemon, self.zygote
         while not self.stopping:
             now = time.monotonic()
+            if z is not None:
+                z.tick(now)
             if d.pid is None and d.restart_at is not None and now >= d.restart_at:
                 self.start_daemon()
             wake_at = [j.deadline for j, _, _ in self.jobs.values() if not j.killed]
             if d.pid is None and d.restart_at is not None:
                 wake_at.append(d.restart_at)
+            if z is not None and z.wake_at() is not None:
+                wake_at.append(z.wake_at())
             timeout = max(0.0, min(wake_at) - time.monotonic()) if wake_at else None
             rl = [self._wake_r]
             if self._daemon_err is not None:
                 rl.append(self._daemon_err)
+            if z is not None and z.sock is not None:
+                rl.append(z.sock)
             wl = []
             if d.sock is not None:
                 rl.append(d.sock)
@@ -493,10 +520,13 @@ class Init:
                     self._job_output(job)
                 if job.done:
                     self._finish_job(pid)
+            if z is not None and z.sock is not None and z.sock in r:
+                z.read()
             if d.sock is not None and d.sock in r:
                 self._read_daemon()
             self._kill_overdue_jobs()
             self.reap()
+            self._zygote_exits()
 
     # ---- stopping ------------------------------------------------------------------------
     def _wait_pid(self, pid: int, timeout: float) -> int | None:
@@ -514,6 +544,8 @@ class Init:
     def shutdown(self) -> None:
         """Stop every container, stop the daemon, sync; power off as PID 1 in a VM."""
         self._flush_blocking()
+        if self.zygote is not None:
+            self.zygote.stop()  # the deletes below go through the CLI: init waits for them
         for pid in self.table.live_pids():
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -578,6 +610,8 @@ def _parse_args(argv: list[str]):
     p.add_argument("--log-addr", help="unix:///path: serve JSON logs there (as agent.log_vport "
                    "does over vsock in a guest)")
     p.add_argument("--no-seccomp", action="store_true")
+    p.add_argument("--no-zygote", action="store_true",
+                   help="run every runtime command through the launcher CLI (no warm launcher)")
     p.add_argument("--job-timeout", type=float, default=JOB_TIMEOUT,
                    help="seconds a runtime or network worker may run before init kills it")
     p.add_argument("--subreaper", action="store_true",
@@ -643,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
                 over[key] = getattr(a, opt)
         if a.no_seccomp:
             over["seccomp"] = False
+        if a.no_zygote:
+            over["zygote"] = False
     cfg = replace(cfg, **over)
     if a is not None and a.daemon_cmd:
         import shlex

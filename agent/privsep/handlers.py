@@ -2,7 +2,8 @@
 
 Slow work runs in a child so init's loop never blocks: the OCI runtime (``create``,
 ``start``, ``exec``, ``kill``, ``delete``: runc's CLI, our ``agent.oci_launcher`` by default)
-is spawned with posix_spawn, a netlink job is a forked worker. Either becomes a :class:`Job`
+is spawned with posix_spawn, or, for our launcher, forked by the warm launcher
+(agent.privsep.zygote); a netlink job is a forked worker. Either becomes a :class:`Job`
 that init completes when it reaps the child. Mounts are single system calls and run inline.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from . import ops, sysc
 from .record import field, record
 from .state import ProcessTable
 from .wire import MAX_PACKET
+from .zygote_link import ZygoteLink, ZygoteUnavailable
 
 MSG_CMSG_CLOEXEC = 0x40000000
 
@@ -58,14 +60,20 @@ class Job:
         return self.status is not None and self.out_r is None and self.console is None
 
 
+LAUNCHER_NAMES = ("oci-launcher", "agent.oci_launcher")
+
+
+def launcher_paths() -> list[str]:
+    """sys.path for our launcher started with -I -S: site (and an editable install's finder)
+    costs more than the launcher's own imports, so the paths it needs are given directly."""
+    pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return [pkg_root] + [p for p in sys.path if p and p != pkg_root and os.path.isdir(p)]
+
+
 def runtime_argv(name: str) -> list[str]:
-    """The OCI runtime command line prefix. Our launcher runs from this interpreter, started
-    with -I -S: site (and an editable install's finder) costs more than the launcher's own
-    imports, so the paths it needs are given to it directly."""
-    if name in ("oci-launcher", "agent.oci_launcher"):
-        pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        paths = [pkg_root] + [p for p in sys.path if p and p != pkg_root and os.path.isdir(p)]
-        boot = (f"import sys;sys.path[:0]={paths!r};"
+    """The OCI runtime command line prefix; ours runs from this interpreter."""
+    if name in LAUNCHER_NAMES:
+        boot = (f"import sys;sys.path[:0]={launcher_paths()!r};"
                 "from agent.oci_launcher import main;sys.exit(main())")
         return [sys.executable, "-I", "-S", "-c", boot]
     return [name]
@@ -100,6 +108,8 @@ class Sandbox:
         if daemon_ids is not None and os.geteuid() == 0:
             os.chown(self.daemon_dir, *daemon_ids)
         self.runtime = runtime_argv(runtime)
+        # The warm launcher (init sets it when the runtime is ours); None = always the CLI.
+        self.zygote: ZygoteLink | None = None
         self.kept: dict[int, dict[str, int]] = {}  # pid -> role -> the daemon's end of its stdio
         self.table = table or ProcessTable()
         self._seq = 0
@@ -109,11 +119,26 @@ class Sandbox:
         self._seq += 1
         return os.path.join(self.state_dir, f"{what}.{os.getpid()}.{self._seq}")
 
-    def _rt(self, log: str | None, *args: str) -> list[str]:
-        argv = self.runtime + ["--root", os.path.join(self.state_dir, "root")]
+    def _rt_args(self, log: str | None, *args: str) -> list[str]:
+        """A runtime command line without the program: the CLI's and the zygote's argv."""
+        argv = ["--root", os.path.join(self.state_dir, "root")]
         if log:
             argv += ["--log", log, "--log-format", "json"]
         return argv + list(args)
+
+    def _rt(self, log: str | None, *args: str) -> list[str]:
+        return self.runtime + self._rt_args(log, *args)
+
+    def _spawn_runtime(self, log: str | None, args: list[str],
+                       stdio: list[int | None]) -> int:
+        """Run one runtime command: in a warm launcher worker when there is one ready (its
+        exit comes back through the zygote's channel), else the CLI."""
+        if self.zygote is not None:
+            try:
+                return self.zygote.spawn(self._rt_args(log, *args), stdio)
+            except ZygoteUnavailable:
+                pass
+        return self._spawn(self._rt(log, *args), stdio)
 
     def _spawn(self, argv: list[str], stdio: list[int | None], env: dict | None = None) -> int:
         """posix_spawn ``argv`` with the given fds as 0, 1, 2 (None = /dev/null), in init's
@@ -211,7 +236,7 @@ class Sandbox:
         child_stdio = [next(it) if stdio.stdin else None, next(it) if stdio.stdout else None,
                        next(it) if stdio.stderr else None]
         try:
-            pid = self._spawn(self._rt(log, *args, cid), child_stdio)
+            pid = self._spawn_runtime(log, args + [cid], child_stdio)
         except OSError as e:
             if console is not None:
                 console.close()
@@ -262,7 +287,7 @@ class Sandbox:
     def _simple_runtime_job(self, args: list[str], what: str,
                             on_ok: Callable[[], dict] = dict) -> Job:
         log = self._tmp("log")
-        pid = self._spawn(self._rt(log, *args), [None, None, None])
+        pid = self._spawn_runtime(log, args, [None, None, None])
 
         def finish(job: Job) -> Reply:
             try:
