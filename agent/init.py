@@ -18,20 +18,18 @@ It imports little (no trio, no protobuf) to start fast and stay small.
 """
 from __future__ import annotations
 
+import _signal as signal  # the enum-free core of `signal` (same names, plain ints)
 import errno
 import fcntl
-import json
 import os
 import select
-import signal
-import socket
 import sys
 import time
 
 from . import cmdline
 from .cmdline import AgentConfig
 from .observe import JsonLogger, SocketSink
-from .privsep import ops, sysc, wire
+from .privsep import ops, sysc, tinyjson, wire
 from .privsep.handlers import LAUNCHER_NAMES, Job, OpError, Reply, Sandbox, launcher_paths
 from .privsep.listen import open_endpoint, parse_address
 from .privsep.record import asdict, field, record, replace
@@ -119,7 +117,7 @@ def _dup_high(fd: int) -> int:
 class DaemonSlot:
     argv: list[str]
     pid: int | None = None
-    sock: socket.socket | None = None
+    sock: object | None = None  # init's end of the channel (a _socket.socket)
     generation: int = 0
     started_at: float = 0.0
     backoff: float = BACKOFF_START
@@ -167,7 +165,7 @@ class Init:
             env[ENV_LISTEN_FD] = str(LISTEN_FD)
         cfg = asdict(self.cfg)
         cfg.pop("ignored", None)
-        env[ENV_CONFIG] = json.dumps(cfg)
+        env[ENV_CONFIG] = tinyjson.dumps(cfg)
         env[ENV_GENERATION] = str(self.daemon.generation)
         return env
 
@@ -624,6 +622,7 @@ def _log_sink(cfg: AgentConfig, log_addr: str | None) -> SocketSink | None:
         path = parse_address(log_addr)
         if path.scheme != "unix":
             raise ValueError(f"--log-addr {log_addr!r}: only unix:// is supported")
+        import socket  # only with a log port: SocketSink wants a full socket object
         return SocketSink(socket.socket(fileno=open_endpoint(path, backlog=1)))
     if cfg.log_vport:
         return SocketSink.vsock(cfg.log_vport)

@@ -8,15 +8,13 @@ that init completes when it reaps the child. Mounts are single system calls and 
 """
 from __future__ import annotations
 
+import _signal
+import _socket
 import fcntl
-import json
 import os
-import signal
-import socket
 import sys
-from collections.abc import Callable
 
-from . import ops, sysc
+from . import ops, sysc, tinyjson
 from .record import field, record
 from .state import ProcessTable
 from .wire import MAX_PACKET
@@ -46,7 +44,7 @@ class Job:
     finish: Callable[["Job"], Reply]
     out_r: int | None = None          # pipe the child reports on (net worker)
     out: bytearray = field(default_factory=bytearray)
-    console: socket.socket | None = None
+    console: _socket.socket | None = None
     console_path: str | None = None
     master_fd: int | None = None
     status: int | None = None
@@ -80,9 +78,9 @@ def runtime_argv(name: str) -> list[str]:
 
 
 def _reset_child_signals() -> None:
-    signal.set_wakeup_fd(-1)
-    for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
-        signal.signal(s, signal.SIG_DFL)
+    _signal.set_wakeup_fd(-1)
+    for s in (_signal.SIGCHLD, _signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGPIPE):
+        _signal.signal(s, _signal.SIG_DFL)
 
 
 STATE_DIR = ".oci-state"   # root's: runtime state, pid files, console sockets
@@ -152,8 +150,8 @@ class Sandbox:
             actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(srcs)]
             return os.posix_spawnp(argv[0], argv, {**os.environ, **env} if env else os.environ,
                                    file_actions=actions,
-                                   setsigdef=(signal.SIGCHLD, signal.SIGPIPE, signal.SIGTERM,
-                                              signal.SIGINT, signal.SIGHUP),
+                                   setsigdef=(_signal.SIGCHLD, _signal.SIGPIPE, _signal.SIGTERM,
+                                              _signal.SIGINT, _signal.SIGHUP),
                                    setsigmask=())
         finally:
             for fd in srcs + [null]:
@@ -170,7 +168,7 @@ class Sandbox:
         msgs = []
         for line in lines:
             try:
-                rec = json.loads(line)
+                rec = tinyjson.loads(line)
             except ValueError:
                 rec = None
             if isinstance(rec, dict):
@@ -180,8 +178,8 @@ class Sandbox:
                 msgs.append(line.strip())
         return (msgs[-1] if msgs else (lines[-1] if lines else "no message"))[:2000]
 
-    def _console(self, job_path: str) -> socket.socket:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def _console(self, job_path: str) -> _socket.socket:
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         s.bind(job_path)
         s.listen(1)
         return s
@@ -189,12 +187,13 @@ class Sandbox:
     def accept_console(self, job: Job) -> None:
         """The runtime connects to the console socket and sends the pty master."""
         assert job.console is not None
-        conn, _ = job.console.accept()
+        fd, _ = job.console._accept()  # _socket's accept: a close-on-exec fd
+        conn = _socket.socket(fileno=fd)
         try:
             conn.settimeout(5)
-            _, anc, _, _ = conn.recvmsg(4096, socket.CMSG_SPACE(4), MSG_CMSG_CLOEXEC)
+            _, anc, _, _ = conn.recvmsg(4096, _socket.CMSG_SPACE(4), MSG_CMSG_CLOEXEC)
             for level, kind, data in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and len(data) >= 4:
+                if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS and len(data) >= 4:
                     job.master_fd = int.from_bytes(data[:4], "little")
                     for i in range(4, len(data) - len(data) % 4, 4):
                         os.close(int.from_bytes(data[i:i + 4], "little"))
@@ -484,9 +483,9 @@ class Sandbox:
                     out = {"ok": False, "field": e.field, "msg": e.msg}
                 except Exception as e:  # noqa: BLE001 - reported to the daemon
                     out = {"ok": False, "field": "", "msg": f"{type(e).__name__}: {e}"}
-                data = json.dumps(out).encode()
+                data = tinyjson.dumps(out).encode()
                 if len(data) > MAX_PACKET - 1024:
-                    data = json.dumps({"ok": False, "field": "", "msg":
+                    data = tinyjson.dumps({"ok": False, "field": "", "msg":
                                        f"result of {len(data)} bytes too large"}).encode()
                 view = memoryview(data)
                 while view:
@@ -500,7 +499,7 @@ class Sandbox:
 
         def finish(job: Job) -> Reply:
             try:
-                out = json.loads(bytes(job.out))
+                out = tinyjson.loads(bytes(job.out))
             except ValueError:
                 raise OpError("", f"network worker died (status {job.status})") from None
             if not out.get("ok"):

@@ -20,7 +20,8 @@ from . import wire
 READY_TIMEOUT = 30.0    # a zygote not ready after this is killed and restarted
 REPLY_TIMEOUT = 5.0     # waiting for a fork's answer; a zygote that overruns it is killed
 BACKOFF_START, BACKOFF_MAX, STABLE_AFTER = 0.5, 30.0, 10.0
-LOST_STATUS = 255 << 8  # waitpid status reported for a worker whose zygote died with it
+LOST_STATUS = 255 << 8
+COMMANDS = ("create", "start", "exec", "kill", "delete", "state", "run")  # waitpid status reported for a worker whose zygote died with it
 
 
 class ZygoteUnavailable(Exception):
@@ -54,7 +55,7 @@ class ZygoteLink:
 
     # ---- life cycle ----------------------------------------------------------------------
     def start(self) -> None:
-        import signal
+        import _signal as signal
         self.restart_at = None
         mine, theirs = wire.socketpair()
         src = os.dup(theirs.fileno())  # >= 3 already (0-2 are taken), close-on-exec
@@ -238,6 +239,8 @@ class ZygoteLink:
                     raise ZygoteLost(f"warm launcher: {err.get('msg')}")
                 pid = rep["result"]["pid"]
                 self.workers.add(pid)
+                self.log.debug("runtime command in a warm launcher worker", pid=pid,
+                               command=next((w for w in argv if w in COMMANDS), "?"))
                 return pid
         finally:
             if null is not None:
