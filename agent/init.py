@@ -577,7 +577,7 @@ class Init:
         os.sync()
         if self.vm:
             self.log.info("powering off")
-            sysc.reboot(sysc.RB_POWER_OFF)
+            sysc.in_child(sysc.reboot, sysc.RB_POWER_OFF)
 
     def _flush_blocking(self) -> None:
         d = self.daemon
@@ -594,27 +594,73 @@ def default_daemon_argv() -> list[str]:
     return [sys.executable, "-m", "agent.daemon"]
 
 
-def _parse_args(argv: list[str]):
-    import argparse  # not on PID 1's path in a VM: the kernel command line configures it
-    p = argparse.ArgumentParser(prog="agent.init", description=__doc__.split("\n\n")[0])
-    p.add_argument("--server-addr", default=os.environ.get("AGENT_SERVER_ADDR"))
-    p.add_argument("--run-dir")
-    p.add_argument("--runtime", help="OCI runtime binary (runc CLI); default our launcher")
-    p.add_argument("--daemon-cmd", help="daemon command line (shell words); default "
-                   "'python -m agent.daemon'")
-    p.add_argument("--daemon-uid", type=int)
-    p.add_argument("--daemon-gid", type=int)
-    p.add_argument("--log-level")
-    p.add_argument("--log-addr", help="unix:///path: serve JSON logs there (as agent.log_vport "
-                   "does over vsock in a guest)")
-    p.add_argument("--no-seccomp", action="store_true")
-    p.add_argument("--no-zygote", action="store_true",
-                   help="run every runtime command through the launcher CLI (no warm launcher)")
-    p.add_argument("--job-timeout", type=float, default=JOB_TIMEOUT,
-                   help="seconds a runtime or network worker may run before init kills it")
-    p.add_argument("--subreaper", action="store_true",
-                   help="act as a subreaper even when running as pid 1 (tests in a pid ns)")
-    return p.parse_args(argv)
+# --option: (attribute, type, help); type bool = a flag. A hand-written parser: argparse
+# (with re and gettext) would stay in init's memory, ~2 MB, for a dozen options.
+OPTIONS = {
+    "--server-addr": ("server_addr", str, "where the daemon serves ttRPC (env "
+                      "AGENT_SERVER_ADDR)"),
+    "--run-dir": ("run_dir", str, "the sandbox's run directory"),
+    "--runtime": ("runtime", str, "OCI runtime binary (runc CLI); default our launcher"),
+    "--daemon-cmd": ("daemon_cmd", str, "daemon command line (shell words); default "
+                     "'python -m agent.daemon'"),
+    "--daemon-uid": ("daemon_uid", int, "uid the daemon drops to"),
+    "--daemon-gid": ("daemon_gid", int, "gid the daemon drops to"),
+    "--log-level": ("log_level", str, "trace debug info warn error critical"),
+    "--log-addr": ("log_addr", str, "unix:///path: serve JSON logs there (as agent.log_vport "
+                   "does over vsock in a guest)"),
+    "--no-seccomp": ("no_seccomp", bool, "no syscall filter in the daemon"),
+    "--no-zygote": ("no_zygote", bool, "run every runtime command through the launcher CLI "
+                    "(no warm launcher)"),
+    "--job-timeout": ("job_timeout", float, "seconds a runtime or network worker may run "
+                      "before init kills it"),
+    "--subreaper": ("subreaper", bool, "act as a subreaper even when running as pid 1 "
+                    "(tests in a pid ns)"),
+}
+
+
+class UsageError(ValueError):
+    pass
+
+
+class Args:
+    def __init__(self) -> None:
+        for dest, kind, _ in OPTIONS.values():
+            setattr(self, dest, False if kind is bool else None)
+        self.server_addr = os.environ.get("AGENT_SERVER_ADDR")
+        self.job_timeout = JOB_TIMEOUT
+
+
+def usage() -> str:
+    return ("usage: python -m agent.init [options]\n" + __doc__.split("\n\n")[0] + "\n\n" +
+            "".join(f"  {o}{'' if k is bool else ' ' + d.upper()}\n      {h}\n"
+                    for o, (d, k, h) in OPTIONS.items()))
+
+
+def _parse_args(argv: list[str]) -> Args:
+    """``--opt VALUE``, ``--opt=VALUE``, flags; raises UsageError naming the culprit."""
+    a = Args()
+    i = 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name not in OPTIONS:
+            raise UsageError(f"unknown argument {argv[i]!r}")
+        dest, kind, _ = OPTIONS[name]
+        if kind is bool:
+            if eq:
+                raise UsageError(f"{name} takes no value")
+            setattr(a, dest, True)
+        else:
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise UsageError(f"{name} needs a value")
+                value = argv[i]
+            try:
+                setattr(a, dest, kind(value))
+            except ValueError:
+                raise UsageError(f"{name}: {value!r} is not a valid {kind.__name__}") from None
+        i += 1
+    return a
 
 
 def _log_sink(cfg: AgentConfig, log_addr: str | None) -> SocketSink | None:
@@ -629,9 +675,20 @@ def _log_sink(cfg: AgentConfig, log_addr: str | None) -> SocketSink | None:
     return None
 
 
+def _boot_child(log: JsonLogger) -> None:
+    """PID 1's boot in a child: the pseudo file systems, then the modules the command line
+    names (an unreadable command line is reported by PID 1 itself, which reads it again)."""
+    boot_mounts(log)
+    try:
+        cfg = cmdline.read()
+    except (OSError, cmdline.CmdlineError):
+        return
+    load_modules(cfg.modules, log)
+
+
 def _power_off() -> None:
     os.sync()
-    sysc.reboot(sysc.RB_POWER_OFF)
+    sysc.in_child(sysc.reboot, sysc.RB_POWER_OFF)  # returns only if the reboot failed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -645,11 +702,22 @@ def main(argv: list[str] | None = None) -> int:
                 os.open("/dev/null", os.O_RDWR)
             except OSError:  # no /dev yet (PID 1 before boot_mounts): nothing to fill with
                 break
-    a = _parse_args(argv) if argv else None
+    if argv and argv[0] in ("-h", "--help"):
+        sys.stdout.write(usage())
+        return 0
+    try:
+        a = _parse_args(argv) if argv else None
+    except UsageError as e:
+        sys.stderr.write(f"agent.init: {e}\n{usage()}")
+        return 2
     vm = os.getpid() == 1 and not (a and a.subreaper)
     log = JsonLogger("init", "info")
     if vm:
-        boot_mounts(log)
+        # Mounts and modules need ctypes; a child does them so PID 1 never loads it (~1.2 MB).
+        try:
+            sysc.in_child(_boot_child, log)
+        except (OSError, RuntimeError) as e:
+            log.error("boot step failed", error=str(e))
         try:
             cfg = cmdline.read()
         except (OSError, cmdline.CmdlineError) as e:
@@ -658,7 +726,6 @@ def main(argv: list[str] | None = None) -> int:
             log.error("bad kernel command line; powering off", error=str(e))
             _power_off()
             return 1
-        load_modules(cfg.modules, log)
     else:
         sysc.set_child_subreaper()
         if os.geteuid() == 0:
@@ -680,8 +747,11 @@ def main(argv: list[str] | None = None) -> int:
             over["zygote"] = False
     cfg = replace(cfg, **over)
     if a is not None and a.daemon_cmd:
-        import shlex
-        daemon_argv = shlex.split(a.daemon_cmd)
+        if any(c in a.daemon_cmd for c in "'\"\\"):
+            import shlex  # quoting: worth shlex (and the re it imports) in init's memory
+            daemon_argv = shlex.split(a.daemon_cmd)
+        else:
+            daemon_argv = a.daemon_cmd.split()
     else:
         daemon_argv = default_daemon_argv()
     try:

@@ -702,7 +702,9 @@ class AgentService:
     async def GetMetrics(self, ctx: CallContext, req: agent_pb2.GetMetricsRequest) -> agent_pb2.Metrics:
         agent_stats = {"daemon": observe.process_stats(os.getpid())}
         try:
-            agent_stats["init"] = (await self.init.call("init_stats")).result
+            agent_stats["init"] = dict((await self.init.call("init_stats")).result)
+            if isinstance(agent_stats["init"].get("zygote"), dict):
+                agent_stats["zygote"] = agent_stats["init"].pop("zygote")
         except (InitError, InitGone):
             pass
         containers = {}

@@ -319,12 +319,12 @@ def _mount_options(fstype: str, opts: list, run_dir: str) -> tuple[str, ...]:
 
 def parse(op: str, args: object, nfds: int, run_dir: str):
     """Build the typed operation ``op`` from ``args``; ``nfds`` = fds the packet carried."""
-    from . import imageops  # image and runtime-state operations live there
-
-    if isinstance(op, str) and op in imageops.OPS and isinstance(args, dict):
-        if nfds:
-            raise ValidationError("fds", f"op {op!r} takes no file descriptors, got {nfds}")
-        return imageops.parse(op, args)
+    if isinstance(op, str) and op not in OPS and isinstance(args, dict):
+        from . import imageops  # image and runtime-state operations live there
+        if op in imageops.OPS:
+            if nfds:
+                raise ValidationError("fds", f"op {op!r} takes no file descriptors, got {nfds}")
+            return imageops.parse(op, args)
     if not isinstance(op, str) or op not in OPS:
         raise ValidationError("op", f"unknown operation {str(op)[:64]!r} "
                                     f"(known: {', '.join(sorted(OPS))})")

@@ -42,6 +42,10 @@ def loads(s: str | bytes) -> object:
         obj, end = _scan(s, i)
     except StopIteration as e:
         raise ValueError(f"not JSON: expecting a value at char {e.value}") from None
+    except (RecursionError, SystemError):
+        # Nesting deeper than the recursion limit. The scanner's error report (which imports
+        # json.decoder) can itself fail that deep and surface as a SystemError.
+        raise ValueError("not JSON this side accepts: nested too deeply") from None
     while end < n and s[end] in _WS:
         end += 1
     if end != n:
