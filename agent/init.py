@@ -44,6 +44,7 @@ PRIVSEP_FD, LISTEN_FD = 3, 4
 BACKOFF_START = 0.1
 STABLE_AFTER = 10.0  # a daemon that lived this long resets the backoff
 JOB_TIMEOUT = 60.0   # a runtime or network worker still running after this is killed
+ZYGOTE_FIRST_START = 10.0  # seconds: start the warm launcher by then even if no request came
 
 # (source, target, fstype, flags, data) mounted by PID 1 at boot.
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_RELATIME = 2, 4, 8, 1 << 21
@@ -146,8 +147,11 @@ class Init:
         self.table = self.sandbox.table
         self.zygote: ZygoteLink | None = None
         if cfg.zygote and cfg.oci_runtime in LAUNCHER_NAMES:
+            # Its warm-up (seconds of imports on one emulated CPU) waits until the daemon,
+            # which starts at the same time, asks its first question: that is when the daemon
+            # has finished its own imports and is about to serve.
             self.zygote = ZygoteLink(boot_argv(sys.executable, launcher_paths(), os.getpid()),
-                                     self.log)
+                                     self.log, first_start=ZYGOTE_FIRST_START)
             self.sandbox.zygote = self.zygote
         self.daemon = DaemonSlot(daemon_argv)
         self.listen_fd = listen_fd
@@ -303,6 +307,8 @@ class Init:
                         "msg": f"init accepts only requests, got a {msg['t']!r} message"})
             return
         rid = msg["id"]
+        if self.zygote is not None:
+            self.zygote.wanted_now()
         try:
             op = ops.parse(msg.get("op"), msg.get("args", {}), len(pkt.fds), self.cfg.run_dir)
         except ops.ValidationError as e:
@@ -468,10 +474,10 @@ class Init:
         d, z = self.daemon, self.zygote
         while not self.stopping:
             now = time.monotonic()
-            if z is not None:
-                z.tick(now)
             if d.pid is None and d.restart_at is not None and now >= d.restart_at:
                 self.start_daemon()
+            if z is not None:
+                z.tick(now)
             wake_at = [j.deadline for j, _, _ in self.jobs.values() if not j.killed]
             if d.pid is None and d.restart_at is not None:
                 wake_at.append(d.restart_at)

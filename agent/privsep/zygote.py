@@ -37,6 +37,7 @@ import sys
 from . import wire
 
 CHANNEL_FD = 3
+ENV_PRIORITY = "_SANDBOX_AGENT_ZYGOTE_PRIORITY"
 MAX_ARGV = 64
 # Every module the launcher's create/start/exec/kill/delete paths import, imported once here
 # so a worker imports nothing. A module that fails to import is left to fail in the worker,
@@ -202,9 +203,16 @@ def _protect_exe() -> None:
 
 def main() -> None:
     """Entry point: ``python -I -S -c <boot> INIT_PID`` from init, the channel on fd 3."""
+    # Warming up (imports: seconds on one emulated CPU) must not slow the daemon starting
+    # beside it, so it runs at the lowest priority; the priority init gave us is restored
+    # before the first fork, or workers and containers would inherit the low one.
+    if ENV_PRIORITY not in os.environ:  # else we are the re-executed self, already low
+        os.environ[ENV_PRIORITY] = str(os.getpriority(os.PRIO_PROCESS, 0))
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
     from agent.oci_launcher import _add_site_packages
     _add_site_packages()  # pyseccomp lives in the venv's site-packages
     _protect_exe()
+    prio = os.environ.pop(ENV_PRIORITY)
     from . import sysc
     sysc.prctl(sysc.PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive init
     if len(sys.argv) > 1 and os.getppid() != int(sys.argv[1]):
@@ -213,5 +221,6 @@ def main() -> None:
     chan = socket.socket(fileno=CHANNEL_FD)
     os.set_inheritable(CHANNEL_FD, False)
     failed = preload()
+    os.setpriority(os.PRIO_PROCESS, 0, int(prio))  # raises (no CAP_SYS_NICE): init uses the CLI
     wire.send_packet(chan, {"t": "ev", "ev": "ready", "failed": failed})
     sys.exit(Zygote(chan).serve())

@@ -39,13 +39,17 @@ def boot_argv(python: str, paths: list[str], init_pid: int) -> list[str]:
 
 
 class ZygoteLink:
-    def __init__(self, argv: list[str], log, env: dict | None = None) -> None:
+    def __init__(self, argv: list[str], log, env: dict | None = None,
+                 first_start: float = 0.0) -> None:
+        """``first_start``: seconds until the first start, unless :meth:`wanted_now` comes
+        first (init calls it at the daemon's first request, as the daemon starts serving)."""
         self.argv, self.log, self.env = argv, log, env
         self.pid: int | None = None
         self.sock = None
         self.ready = False
         self.started_at = 0.0
-        self.restart_at: float | None = 0.0  # monotonic time of the next start; None = none due
+        # monotonic time of the next start; None = none due
+        self.restart_at: float | None = time.monotonic() + first_start
         self.wanted = True                    # False once init stops it for good
         self.backoff = BACKOFF_START
         self.restarts = 0
@@ -89,6 +93,11 @@ class ZygoteLink:
         self.restart_at = time.monotonic() + self.backoff
         self.restarts += 1
         self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+
+    def wanted_now(self) -> None:
+        """Start at the next tick if it was never started (see __init__)."""
+        if self.pid is None and self.started_at == 0.0 and self.restart_at is not None:
+            self.restart_at = min(self.restart_at, time.monotonic())
 
     def wake_at(self) -> float | None:
         """When init's loop must call :meth:`tick` next."""
@@ -225,6 +234,12 @@ class ZygoteLink:
                                         f"{REPLY_TIMEOUT} s")
                 try:
                     pkt = wire.recv_packet(self.sock)
+                except ConnectionResetError:
+                    # The zygote's end closed with data unread, and init sends one request at
+                    # a time: it died without reading this one, so nothing ran.
+                    self._kill()
+                    raise ZygoteUnavailable("the warm launcher died before reading the "
+                                            "command") from None
                 except (wire.ProtocolError, OSError) as e:
                     self._kill()
                     raise ZygoteLost(f"warm launcher channel: {e}") from None

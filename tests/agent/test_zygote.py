@@ -101,6 +101,9 @@ def test_commands_run_in_sealed_workers_and_containers_are_inits(agent, rootfs):
                 break
             await trio.sleep(0.02)
         assert len(ctr) == 1, kids  # reparented to init, as with the CLI
+        # the zygote warms up at nice 19, then serves (and forks) at init's priority
+        assert os.getpriority(os.PRIO_PROCESS, z) == os.getpriority(os.PRIO_PROCESS, init)
+        assert os.getpriority(os.PRIO_PROCESS, ctr[0]) == os.getpriority(os.PRIO_PROCESS, init)
         assert ctr[0] not in _children(z)
         await C.exec_(c, "z1", "e1", ["sh", "-c", "echo from-exec"])
         assert await C.read_all(c, "z1", "e1") == b"from-exec\n"

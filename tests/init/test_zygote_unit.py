@@ -204,7 +204,10 @@ def link():
     pid = z.pid
     z.stop()
     if pid is not None:
-        os.waitpid(pid, 0)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:  # the test reaped it
+            pass
 
 
 def test_zygote_runs_cli_commands_in_forks(link, tmp_path):
@@ -262,3 +265,27 @@ def test_zygote_death_reports_lost_workers_and_restarts(link):
     link.tick(link.wake_at())  # the backoff is over: start again
     _pump(link, lambda: link.ready)
     assert link.pid != first
+
+
+def test_zygote_setting_from_the_kernel_command_line():
+    from agent import cmdline
+    assert cmdline.parse("").zygote is True
+    assert cmdline.parse("agent.zygote=off").zygote is False
+    assert cmdline.parse("agent.zygote").zygote is True
+    with pytest.raises(cmdline.CmdlineError, match="zygote"):
+        cmdline.parse("agent.zygote=maybe")
+
+
+def test_zygote_dying_with_the_request_unread_means_nothing_ran(link):
+    import signal
+    import threading
+    link.start()
+    _pump(link, lambda: link.ready)
+    z = link.pid
+    os.kill(z, signal.SIGSTOP)  # it cannot read what comes next
+    threading.Timer(0.3, os.kill, (z, signal.SIGKILL)).start()
+    with pytest.raises(ZygoteUnavailable, match="before reading"):  # so the CLI may run it
+        link.spawn(["state", "x"], [None, None, None])
+    _, status = os.waitpid(z, 0)
+    link.exited(status)
+    assert link.take_exits() == []
