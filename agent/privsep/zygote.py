@@ -116,8 +116,10 @@ class Zygote:
         if pid == 0:
             code = 1
             try:
+                # As a CLI process starts: default dispositions, but SIGPIPE ignored (Python's
+                # own start-up does that; the launcher restores it for the container).
                 signal.set_wakeup_fd(-1)
-                for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE):
+                for s in (signal.SIGCHLD, signal.SIGTERM):
                     signal.signal(s, signal.SIG_DFL)
                 self.chan.close()  # a container must never reach the zygote
                 os.close(self._wake_r)
