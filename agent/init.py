@@ -11,10 +11,14 @@ confined, and asks init for privileged work over the privsep channel (agent.priv
   restarts it with exponential backoff when it dies: containers keep running, and the new
   daemon asks for the process table;
 * runs each operation the daemon asks for after checking it (agent.privsep.ops/handlers);
+  with our launcher as the runtime, its commands run in forks of the warm launcher
+  (agent.privsep.zygote), a second child init starts, restarts and falls back from to the
+  launcher's CLI;
 * on ``shutdown`` or a fatal error stops the containers, syncs and powers off (exits outside
   a VM).
 
-It imports little (no trio, no protobuf) to start fast and stay small.
+It imports little (no trio, no protobuf; not even re, json, socket, signal, enum, collections
+or ctypes: see privsep.tinyjson, privsep.sysc.in_child) to start fast and stay small.
 """
 from __future__ import annotations
 
