@@ -15,10 +15,9 @@ No trio here: PID 1 (agent/init.py) opens the endpoint with this module and stay
 
 from __future__ import annotations
 
+import _socket
 import os
-import socket
 import stat
-from collections import namedtuple
 
 DEFAULT_VSOCK_PORT = 1024
 VMADDR_CID_ANY = 0xFFFFFFFF
@@ -29,12 +28,31 @@ class AddressError(ValueError):
     """An agent address that cannot be used, with the reason and the address."""
 
 
-class Address(namedtuple("Address", "scheme path cid port", defaults=("", 0, 0))):
+class Address(tuple):
     """A parsed address (immutable). scheme: vsock | unix | hvsock | serial; path: the unix
     socket path or "\0name" (abstract), the serial device, the hybrid vsock host socket.
-    A named tuple, not a dataclass: PID 1 imports this and dataclasses costs it ~3 MB."""
+    A hand-made named tuple: PID 1 imports this, and dataclasses (~3 MB) or even
+    collections.namedtuple (~0.4 MB with collections) would cost it memory."""
 
     __slots__ = ()
+    _fields = ("scheme", "path", "cid", "port")
+
+    def __new__(cls, scheme: str, path: str = "", cid: int = 0, port: int = 0) -> "Address":
+        return tuple.__new__(cls, (scheme, path, cid, port))
+
+    def __getnewargs__(self):
+        return tuple(self)
+
+    scheme = property(lambda self: self[0], doc="vsock | unix | hvsock | serial")
+    path = property(lambda self: self[1])
+    cid = property(lambda self: self[2])
+    port = property(lambda self: self[3])
+
+    def _replace(self, **changes) -> "Address":
+        return Address(**{**dict(zip(self._fields, self)), **changes})
+
+    def __repr__(self) -> str:
+        return "Address(" + ", ".join(f"{k}={v!r}" for k, v in zip(self._fields, self)) + ")"
 
     def __str__(self) -> str:
         if self.scheme == "vsock":
@@ -106,28 +124,33 @@ def parse_address(addr: str) -> Address:
 
 # listening -------------------------------------------------------------------------------
 
-def listen_socket(address: Address | str, backlog: int = 128) -> socket.socket:
-    """A bound, listening stdlib socket for a vsock or unix address (blocking mode off)."""
+def listen_fd(address: Address | str, backlog: int = 128) -> int:
+    """A bound, listening, blocking, close-on-exec socket fd for a vsock or unix address.
+    Over ``_socket``: PID 1 calls this, and ``socket`` would build its enums there."""
     a = parse_address(address) if isinstance(address, str) else address
     if a.scheme == "vsock":
-        s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            s.bind((a.cid, a.port))
-        except OSError:
-            s.close()
-            raise
+        family, where = _socket.AF_VSOCK, (a.cid, a.port)
     elif a.scheme == "unix":
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            if not a.path.startswith("\0"):
-                _remove_stale_socket(a.path)
-            s.bind(a.path)
-        except OSError:
-            s.close()
-            raise
+        family, where = _socket.AF_UNIX, a.path
     else:
         raise AddressError(f"{a}: cannot listen on a {a.scheme} address")
-    s.listen(backlog)
+    s = _socket.socket(family, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
+        if a.scheme == "unix" and not a.path.startswith("\0"):
+            _remove_stale_socket(a.path)
+        s.bind(where)
+        s.listen(backlog)
+    except OSError:
+        s.close()
+        raise
+    return s.detach()
+
+
+def listen_socket(address: Address | str, backlog: int = 128):
+    """A bound, listening stdlib socket.socket for a vsock or unix address (blocking mode
+    off)."""
+    import socket
+    s = socket.socket(fileno=listen_fd(address, backlog))
     s.setblocking(False)
     return s
 

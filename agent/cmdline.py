@@ -38,6 +38,10 @@ agent.oci_runtime               oci-launcher   the OCI runtime binary init forks
                                                create/start/exec/kill/delete (runc CLI)
 agent.restart_backoff_max       5              seconds: cap of the daemon restart backoff
 agent.seccomp                   on             boolean: install the daemon's syscall filter
+agent.zygote                    on             boolean: with our launcher as the runtime,
+                                               run its commands in forks of a warm
+                                               launcher process (agent.privsep.zygote)
+                                               instead of a new interpreter each
 ==============================  =============  ==========================================
 
 Booleans accept 1/0, true/false, yes/no, on/off. An unknown ``agent.*`` key is logged and
@@ -83,6 +87,7 @@ class AgentConfig:
     oci_runtime: str = "oci-launcher"
     restart_backoff_max: float = 5.0
     seccomp: bool = True
+    zygote: bool = True
     # Keys we did not understand, kept so the caller can log them once logging is up.
     ignored: tuple[str, ...] = field(default=(), compare=False)
 
@@ -220,6 +225,7 @@ _PARSERS = {
     "oci_runtime": ("oci_runtime", _str),
     "restart_backoff_max": ("restart_backoff_max", _float),
     "seccomp": ("seccomp", _bool),
+    "zygote": ("zygote", _bool),
     "channel": ("server_addr", _channel),
 }
 

@@ -11,31 +11,34 @@ confined, and asks init for privileged work over the privsep channel (agent.priv
   restarts it with exponential backoff when it dies: containers keep running, and the new
   daemon asks for the process table;
 * runs each operation the daemon asks for after checking it (agent.privsep.ops/handlers);
+  with our launcher as the runtime, its commands run in forks of the warm launcher
+  (agent.privsep.zygote), a second child init starts, restarts and falls back from to the
+  launcher's CLI;
 * on ``shutdown`` or a fatal error stops the containers, syncs and powers off (exits outside
   a VM).
 
-It imports little (no trio, no protobuf) to start fast and stay small.
+It imports little (no trio, no protobuf; not even re, json, socket, signal, enum, collections
+or ctypes: see privsep.tinyjson, privsep.sysc.in_child) to start fast and stay small.
 """
 from __future__ import annotations
 
+import _signal as signal  # the enum-free core of `signal` (same names, plain ints)
 import errno
 import fcntl
-import json
 import os
 import select
-import signal
-import socket
 import sys
 import time
 
 from . import cmdline
 from .cmdline import AgentConfig
 from .observe import JsonLogger, SocketSink
-from .privsep import ops, sysc, wire
-from .privsep.handlers import Job, OpError, Reply, Sandbox
+from .privsep import ops, sysc, tinyjson, wire
+from .privsep.handlers import LAUNCHER_NAMES, Job, OpError, Reply, Sandbox, launcher_paths
 from .privsep.listen import open_endpoint, parse_address
 from .privsep.record import asdict, field, record, replace
 from .privsep.state import exit_code
+from .privsep.zygote_link import ZygoteLink, boot_argv
 
 ENV_PRIVSEP_FD = "SANDBOX_AGENT_PRIVSEP_FD"
 ENV_LISTEN_FD = "SANDBOX_AGENT_LISTEN_FD"
@@ -45,6 +48,7 @@ PRIVSEP_FD, LISTEN_FD = 3, 4
 BACKOFF_START = 0.1
 STABLE_AFTER = 10.0  # a daemon that lived this long resets the backoff
 JOB_TIMEOUT = 60.0   # a runtime or network worker still running after this is killed
+ZYGOTE_FIRST_START = 10.0  # seconds: start the warm launcher by then even if no request came
 
 # (source, target, fstype, flags, data) mounted by PID 1 at boot.
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_RELATIME = 2, 4, 8, 1 << 21
@@ -118,7 +122,7 @@ def _dup_high(fd: int) -> int:
 class DaemonSlot:
     argv: list[str]
     pid: int | None = None
-    sock: socket.socket | None = None
+    sock: object | None = None  # init's end of the channel (a _socket.socket)
     generation: int = 0
     started_at: float = 0.0
     backoff: float = BACKOFF_START
@@ -145,6 +149,14 @@ class Init:
                                daemon_ids=(cfg.daemon_uid, cfg.daemon_gid),
                                resolv_conf=resolv)
         self.table = self.sandbox.table
+        self.zygote: ZygoteLink | None = None
+        if cfg.zygote and cfg.oci_runtime in LAUNCHER_NAMES:
+            # Its warm-up (seconds of imports on one emulated CPU) waits until the daemon,
+            # which starts at the same time, asks its first question: that is when the daemon
+            # has finished its own imports and is about to serve.
+            self.zygote = ZygoteLink(boot_argv(sys.executable, launcher_paths(), os.getpid()),
+                                     self.log, first_start=ZYGOTE_FIRST_START)
+            self.sandbox.zygote = self.zygote
         self.daemon = DaemonSlot(daemon_argv)
         self.listen_fd = listen_fd
         self.jobs: dict[int, tuple[Job, int, int]] = {}  # pid -> (job, request id, generation)
@@ -161,7 +173,7 @@ class Init:
             env[ENV_LISTEN_FD] = str(LISTEN_FD)
         cfg = asdict(self.cfg)
         cfg.pop("ignored", None)
-        env[ENV_CONFIG] = json.dumps(cfg)
+        env[ENV_CONFIG] = tinyjson.dumps(cfg)
         env[ENV_GENERATION] = str(self.daemon.generation)
         return env
 
@@ -299,6 +311,8 @@ class Init:
                         "msg": f"init accepts only requests, got a {msg['t']!r} message"})
             return
         rid = msg["id"]
+        if self.zygote is not None:
+            self.zygote.wanted_now()
         try:
             op = ops.parse(msg.get("op"), msg.get("args", {}), len(pkt.fds), self.cfg.run_dir)
         except ops.ValidationError as e:
@@ -403,6 +417,22 @@ class Init:
             os.close(job.out_r)
             job.out_r = None
 
+    def _job_exited(self, pid: int, status: int) -> None:
+        """A job's child ended: reaped by init, or reported by the warm launcher."""
+        if pid not in self.jobs:
+            return
+        job = self.jobs[pid][0]
+        job.status = status
+        if job.console is not None:  # the runtime died before sending a pty
+            self.sandbox.close_console(job)
+        if job.done:
+            self._finish_job(pid)
+
+    def _zygote_exits(self) -> None:
+        if self.zygote is not None:
+            for pid, status in self.zygote.take_exits():
+                self._job_exited(pid, status)
+
     def reap(self) -> None:
         while True:
             try:
@@ -413,13 +443,12 @@ class Init:
                 return
             if pid == self.daemon.pid:
                 self._daemon_exited(status)
+            elif self.zygote is not None and pid == self.zygote.pid:
+                self.zygote.exited(status)
             elif pid in self.jobs:
-                job = self.jobs[pid][0]
-                job.status = status
-                if job.console is not None:  # the runtime died before sending a pty
-                    self.sandbox.close_console(job)
-                if job.done:
-                    self._finish_job(pid)
+                if self.zygote is not None:
+                    self.zygote.adopted(pid)  # a worker orphaned by the zygote's death
+                self._job_exited(pid, status)
             else:
                 p = self.table.reaped(pid, status)
                 if p is not None:
@@ -446,18 +475,24 @@ class Init:
         return self.exit_status
 
     def _loop(self) -> None:
-        d = self.daemon
+        d, z = self.daemon, self.zygote
         while not self.stopping:
             now = time.monotonic()
             if d.pid is None and d.restart_at is not None and now >= d.restart_at:
                 self.start_daemon()
+            if z is not None:
+                z.tick(now)
             wake_at = [j.deadline for j, _, _ in self.jobs.values() if not j.killed]
             if d.pid is None and d.restart_at is not None:
                 wake_at.append(d.restart_at)
+            if z is not None and z.wake_at() is not None:
+                wake_at.append(z.wake_at())
             timeout = max(0.0, min(wake_at) - time.monotonic()) if wake_at else None
             rl = [self._wake_r]
             if self._daemon_err is not None:
                 rl.append(self._daemon_err)
+            if z is not None and z.sock is not None:
+                rl.append(z.sock)
             wl = []
             if d.sock is not None:
                 rl.append(d.sock)
@@ -493,10 +528,13 @@ class Init:
                     self._job_output(job)
                 if job.done:
                     self._finish_job(pid)
+            if z is not None and z.sock is not None and z.sock in r:
+                z.read()
             if d.sock is not None and d.sock in r:
                 self._read_daemon()
             self._kill_overdue_jobs()
             self.reap()
+            self._zygote_exits()
 
     # ---- stopping ------------------------------------------------------------------------
     def _wait_pid(self, pid: int, timeout: float) -> int | None:
@@ -514,6 +552,8 @@ class Init:
     def shutdown(self) -> None:
         """Stop every container, stop the daemon, sync; power off as PID 1 in a VM."""
         self._flush_blocking()
+        if self.zygote is not None:
+            self.zygote.stop()  # the deletes below go through the CLI: init waits for them
         for pid in self.table.live_pids():
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -547,7 +587,7 @@ class Init:
         os.sync()
         if self.vm:
             self.log.info("powering off")
-            sysc.reboot(sysc.RB_POWER_OFF)
+            sysc.in_child(sysc.reboot, sysc.RB_POWER_OFF)
 
     def _flush_blocking(self) -> None:
         d = self.daemon
@@ -564,25 +604,73 @@ def default_daemon_argv() -> list[str]:
     return [sys.executable, "-m", "agent.daemon"]
 
 
-def _parse_args(argv: list[str]):
-    import argparse  # not on PID 1's path in a VM: the kernel command line configures it
-    p = argparse.ArgumentParser(prog="agent.init", description=__doc__.split("\n\n")[0])
-    p.add_argument("--server-addr", default=os.environ.get("AGENT_SERVER_ADDR"))
-    p.add_argument("--run-dir")
-    p.add_argument("--runtime", help="OCI runtime binary (runc CLI); default our launcher")
-    p.add_argument("--daemon-cmd", help="daemon command line (shell words); default "
-                   "'python -m agent.daemon'")
-    p.add_argument("--daemon-uid", type=int)
-    p.add_argument("--daemon-gid", type=int)
-    p.add_argument("--log-level")
-    p.add_argument("--log-addr", help="unix:///path: serve JSON logs there (as agent.log_vport "
-                   "does over vsock in a guest)")
-    p.add_argument("--no-seccomp", action="store_true")
-    p.add_argument("--job-timeout", type=float, default=JOB_TIMEOUT,
-                   help="seconds a runtime or network worker may run before init kills it")
-    p.add_argument("--subreaper", action="store_true",
-                   help="act as a subreaper even when running as pid 1 (tests in a pid ns)")
-    return p.parse_args(argv)
+# --option: (attribute, type, help); type bool = a flag. A hand-written parser: argparse
+# (with re and gettext) would stay in init's memory, ~2 MB, for a dozen options.
+OPTIONS = {
+    "--server-addr": ("server_addr", str, "where the daemon serves ttRPC (env "
+                      "AGENT_SERVER_ADDR)"),
+    "--run-dir": ("run_dir", str, "the sandbox's run directory"),
+    "--runtime": ("runtime", str, "OCI runtime binary (runc CLI); default our launcher"),
+    "--daemon-cmd": ("daemon_cmd", str, "daemon command line (shell words); default "
+                     "'python -m agent.daemon'"),
+    "--daemon-uid": ("daemon_uid", int, "uid the daemon drops to"),
+    "--daemon-gid": ("daemon_gid", int, "gid the daemon drops to"),
+    "--log-level": ("log_level", str, "trace debug info warn error critical"),
+    "--log-addr": ("log_addr", str, "unix:///path: serve JSON logs there (as agent.log_vport "
+                   "does over vsock in a guest)"),
+    "--no-seccomp": ("no_seccomp", bool, "no syscall filter in the daemon"),
+    "--no-zygote": ("no_zygote", bool, "run every runtime command through the launcher CLI "
+                    "(no warm launcher)"),
+    "--job-timeout": ("job_timeout", float, "seconds a runtime or network worker may run "
+                      "before init kills it"),
+    "--subreaper": ("subreaper", bool, "act as a subreaper even when running as pid 1 "
+                    "(tests in a pid ns)"),
+}
+
+
+class UsageError(ValueError):
+    pass
+
+
+class Args:
+    def __init__(self) -> None:
+        for dest, kind, _ in OPTIONS.values():
+            setattr(self, dest, False if kind is bool else None)
+        self.server_addr = os.environ.get("AGENT_SERVER_ADDR")
+        self.job_timeout = JOB_TIMEOUT
+
+
+def usage() -> str:
+    return ("usage: python -m agent.init [options]\n" + __doc__.split("\n\n")[0] + "\n\n" +
+            "".join(f"  {o}{'' if k is bool else ' ' + d.upper()}\n      {h}\n"
+                    for o, (d, k, h) in OPTIONS.items()))
+
+
+def _parse_args(argv: list[str]) -> Args:
+    """``--opt VALUE``, ``--opt=VALUE``, flags; raises UsageError naming the culprit."""
+    a = Args()
+    i = 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name not in OPTIONS:
+            raise UsageError(f"unknown argument {argv[i]!r}")
+        dest, kind, _ = OPTIONS[name]
+        if kind is bool:
+            if eq:
+                raise UsageError(f"{name} takes no value")
+            setattr(a, dest, True)
+        else:
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise UsageError(f"{name} needs a value")
+                value = argv[i]
+            try:
+                setattr(a, dest, kind(value))
+            except ValueError:
+                raise UsageError(f"{name}: {value!r} is not a valid {kind.__name__}") from None
+        i += 1
+    return a
 
 
 def _log_sink(cfg: AgentConfig, log_addr: str | None) -> SocketSink | None:
@@ -590,15 +678,27 @@ def _log_sink(cfg: AgentConfig, log_addr: str | None) -> SocketSink | None:
         path = parse_address(log_addr)
         if path.scheme != "unix":
             raise ValueError(f"--log-addr {log_addr!r}: only unix:// is supported")
+        import socket  # only with a log port: SocketSink wants a full socket object
         return SocketSink(socket.socket(fileno=open_endpoint(path, backlog=1)))
     if cfg.log_vport:
         return SocketSink.vsock(cfg.log_vport)
     return None
 
 
+def _boot_child(log: JsonLogger) -> None:
+    """PID 1's boot in a child: the pseudo file systems, then the modules the command line
+    names (an unreadable command line is reported by PID 1 itself, which reads it again)."""
+    boot_mounts(log)
+    try:
+        cfg = cmdline.read()
+    except (OSError, cmdline.CmdlineError):
+        return
+    load_modules(cfg.modules, log)
+
+
 def _power_off() -> None:
     os.sync()
-    sysc.reboot(sysc.RB_POWER_OFF)
+    sysc.in_child(sysc.reboot, sysc.RB_POWER_OFF)  # returns only if the reboot failed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -612,11 +712,22 @@ def main(argv: list[str] | None = None) -> int:
                 os.open("/dev/null", os.O_RDWR)
             except OSError:  # no /dev yet (PID 1 before boot_mounts): nothing to fill with
                 break
-    a = _parse_args(argv) if argv else None
+    if argv and argv[0] in ("-h", "--help"):
+        sys.stdout.write(usage())
+        return 0
+    try:
+        a = _parse_args(argv) if argv else None
+    except UsageError as e:
+        sys.stderr.write(f"agent.init: {e}\n{usage()}")
+        return 2
     vm = os.getpid() == 1 and not (a and a.subreaper)
     log = JsonLogger("init", "info")
     if vm:
-        boot_mounts(log)
+        # Mounts and modules need ctypes; a child does them so PID 1 never loads it (~1.2 MB).
+        try:
+            sysc.in_child(_boot_child, log)
+        except (OSError, RuntimeError) as e:
+            log.error("boot step failed", error=str(e))
         try:
             cfg = cmdline.read()
         except (OSError, cmdline.CmdlineError) as e:
@@ -625,7 +736,6 @@ def main(argv: list[str] | None = None) -> int:
             log.error("bad kernel command line; powering off", error=str(e))
             _power_off()
             return 1
-        load_modules(cfg.modules, log)
     else:
         sysc.set_child_subreaper()
         if os.geteuid() == 0:
@@ -643,10 +753,15 @@ def main(argv: list[str] | None = None) -> int:
                 over[key] = getattr(a, opt)
         if a.no_seccomp:
             over["seccomp"] = False
+        if a.no_zygote:
+            over["zygote"] = False
     cfg = replace(cfg, **over)
     if a is not None and a.daemon_cmd:
-        import shlex
-        daemon_argv = shlex.split(a.daemon_cmd)
+        if any(c in a.daemon_cmd for c in "'\"\\"):
+            import shlex  # quoting: worth shlex (and the re it imports) in init's memory
+            daemon_argv = shlex.split(a.daemon_cmd)
+        else:
+            daemon_argv = a.daemon_cmd.split()
     else:
         daemon_argv = default_daemon_argv()
     try:

@@ -1,6 +1,7 @@
 """Observability of the agent: Prometheus metrics, structured JSON logs, lifecycle events.
 
-Light on imports (init uses the logger): json, os, time, collections.
+Light on imports (init uses the logger): os, time and privsep.tinyjson at module level;
+collections and socket only where a sink or an event ring is made.
 
 * Metrics: :func:`render_metrics` gives the Prometheus text exposition format (0.0.4) with
   ``# HELP``/``# TYPE`` per family and escaped label values: per agent process (init, daemon)
@@ -14,14 +15,11 @@ Light on imports (init uses the logger): json, os, time, collections.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
-import socket
 import sys
 import time
-from collections import deque
 
+from .privsep import tinyjson
 from .privsep.record import asdict, field, record
 
 # ---------------------------------------------------------------------------------------------
@@ -45,10 +43,12 @@ class SocketSink:
         self.listener = listener
         self.listener.setblocking(False)
         self.conn: socket.socket | None = None
+        from collections import deque  # init imports this module; a sink is rare there
         self.pending: deque[bytes] = deque(maxlen=backlog)
 
     @classmethod
     def vsock(cls, port: int) -> "SocketSink":
+        import socket
         s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         s.bind((0xFFFFFFFF, port))
         s.listen(1)
@@ -111,7 +111,8 @@ class JsonLogger:
             return
         rec = {"time": _rfc3339(time.time()), "level": level, "source": self.source,
                "msg": msg, "fields": fields}
-        line = json.dumps(rec, default=repr, ensure_ascii=False) + "\n"
+        line = tinyjson.dumps(rec, default=repr, ensure_ascii=False,
+                              separators=(", ", ": "), allow_nan=True) + "\n"
         if self.sink is not None:
             self.sink.write(line.encode())
             return
@@ -166,6 +167,7 @@ class EventRecord:
     def __init__(self, capacity: int = 1024):
         if capacity < 1:
             raise ValueError(f"event record capacity must be >= 1, got {capacity}")
+        from collections import deque
         self.ring: deque[Event] = deque(maxlen=capacity)
         self.seq = 0
 
@@ -266,9 +268,9 @@ def format_value(v: float) -> str:
         return "1" if v else "0"
     if isinstance(v, int):
         return str(v)
-    if math.isnan(v):
+    if v != v:
         return "NaN"
-    if math.isinf(v):
+    if v in (float("inf"), float("-inf")):
         return "+Inf" if v > 0 else "-Inf"
     return repr(float(v))
 

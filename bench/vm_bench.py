@@ -184,6 +184,8 @@ def main() -> int:
     print("\nagent memory in the guest (GetMetrics)   after boot    one container running")
     for key, label in (("init_pss", "init PSS"), ("daemon_pss", "daemon PSS"),
                        ("init_rss", "init RSS"), ("daemon_rss", "daemon RSS"),
+                       ("zygote_pss", "warm launcher (zygote) PSS"),
+                       ("zygote_rss", "warm launcher (zygote) RSS"),
                        ("guest_used", "guest MemTotal-MemAvailable")):
         if key in mem_idle:
             print(f"  {label:36s} {mib(mem_idle[key])}    {mib(mem_busy.get(key, float('nan')))}")

@@ -710,7 +710,9 @@ class AgentService:
         daemon["deferred_modules"] = deferred.status()
         agent_stats = {"daemon": daemon}
         try:
-            agent_stats["init"] = (await self.init.call("init_stats")).result
+            agent_stats["init"] = dict((await self.init.call("init_stats")).result)
+            if isinstance(agent_stats["init"].get("zygote"), dict):
+                agent_stats["zygote"] = agent_stats["init"].pop("zygote")
         except (InitError, InitGone):
             pass
         containers = {}

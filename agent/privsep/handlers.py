@@ -2,23 +2,23 @@
 
 Slow work runs in a child so init's loop never blocks: the OCI runtime (``create``,
 ``start``, ``exec``, ``kill``, ``delete``: runc's CLI, our ``agent.oci_launcher`` by default)
-is spawned with posix_spawn, a netlink job is a forked worker. Either becomes a :class:`Job`
+is spawned with posix_spawn, or, for our launcher, forked by the warm launcher
+(agent.privsep.zygote); a netlink job is a forked worker. Either becomes a :class:`Job`
 that init completes when it reaps the child. Mounts are single system calls and run inline.
 """
 from __future__ import annotations
 
+import _signal
+import _socket
 import fcntl
-import json
 import os
-import signal
-import socket
 import sys
-from collections.abc import Callable
 
-from . import ops, sysc
+from . import ops, sysc, tinyjson
 from .record import field, record
 from .state import ProcessTable
 from .wire import MAX_PACKET
+from .zygote_link import ZygoteLink, ZygoteUnavailable
 
 MSG_CMSG_CLOEXEC = 0x40000000
 
@@ -44,7 +44,7 @@ class Job:
     finish: Callable[["Job"], Reply]
     out_r: int | None = None          # pipe the child reports on (net worker)
     out: bytearray = field(default_factory=bytearray)
-    console: socket.socket | None = None
+    console: _socket.socket | None = None
     console_path: str | None = None
     master_fd: int | None = None
     status: int | None = None
@@ -58,23 +58,35 @@ class Job:
         return self.status is not None and self.out_r is None and self.console is None
 
 
+LAUNCHER_NAMES = ("oci-launcher", "agent.oci_launcher")
+
+
+def launcher_paths() -> list[str]:
+    """sys.path for our launcher started with -I -S: site (and an editable install's finder)
+    costs more than the launcher's own imports, so the paths it needs are given directly."""
+    pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return [pkg_root] + [p for p in sys.path if p and p != pkg_root and os.path.isdir(p)]
+
+
 def runtime_argv(name: str) -> list[str]:
-    """The OCI runtime command line prefix. Our launcher runs from this interpreter, started
-    with -I -S: site (and an editable install's finder) costs more than the launcher's own
-    imports, so the paths it needs are given to it directly."""
-    if name in ("oci-launcher", "agent.oci_launcher"):
-        pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        paths = [pkg_root] + [p for p in sys.path if p and p != pkg_root and os.path.isdir(p)]
-        boot = (f"import sys;sys.path[:0]={paths!r};"
+    """The OCI runtime command line prefix; ours runs from this interpreter."""
+    if name in LAUNCHER_NAMES:
+        boot = (f"import sys;sys.path[:0]={launcher_paths()!r};"
                 "from agent.oci_launcher import main;sys.exit(main())")
         return [sys.executable, "-I", "-S", "-c", boot]
     return [name]
 
 
 def _reset_child_signals() -> None:
-    signal.set_wakeup_fd(-1)
-    for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
-        signal.signal(s, signal.SIG_DFL)
+    _signal.set_wakeup_fd(-1)
+    for s in (_signal.SIGCHLD, _signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGPIPE):
+        _signal.signal(s, _signal.SIG_DFL)
+
+
+def _mount(source, target, fstype, flags: int, data, remount_ro: bool) -> None:
+    sysc.mount(source, target, fstype, flags, data)
+    if remount_ro:  # a bind ignores MS_RDONLY until remounted
+        sysc.mount(None, target, None, flags | 32, None)  # MS_REMOUNT
 
 
 STATE_DIR = ".oci-state"   # root's: runtime state, pid files, console sockets
@@ -100,6 +112,8 @@ class Sandbox:
         if daemon_ids is not None and os.geteuid() == 0:
             os.chown(self.daemon_dir, *daemon_ids)
         self.runtime = runtime_argv(runtime)
+        # The warm launcher (init sets it when the runtime is ours); None = always the CLI.
+        self.zygote: ZygoteLink | None = None
         self.kept: dict[int, dict[str, int]] = {}  # pid -> role -> the daemon's end of its stdio
         self.table = table or ProcessTable()
         self._seq = 0
@@ -109,11 +123,26 @@ class Sandbox:
         self._seq += 1
         return os.path.join(self.state_dir, f"{what}.{os.getpid()}.{self._seq}")
 
-    def _rt(self, log: str | None, *args: str) -> list[str]:
-        argv = self.runtime + ["--root", os.path.join(self.state_dir, "root")]
+    def _rt_args(self, log: str | None, *args: str) -> list[str]:
+        """A runtime command line without the program: the CLI's and the zygote's argv."""
+        argv = ["--root", os.path.join(self.state_dir, "root")]
         if log:
             argv += ["--log", log, "--log-format", "json"]
         return argv + list(args)
+
+    def _rt(self, log: str | None, *args: str) -> list[str]:
+        return self.runtime + self._rt_args(log, *args)
+
+    def _spawn_runtime(self, log: str | None, args: list[str],
+                       stdio: list[int | None]) -> int:
+        """Run one runtime command: in a warm launcher worker when there is one ready (its
+        exit comes back through the zygote's channel), else the CLI."""
+        if self.zygote is not None:
+            try:
+                return self.zygote.spawn(self._rt_args(log, *args), stdio)
+            except ZygoteUnavailable:
+                pass
+        return self._spawn(self._rt(log, *args), stdio)
 
     def _spawn(self, argv: list[str], stdio: list[int | None], env: dict | None = None) -> int:
         """posix_spawn ``argv`` with the given fds as 0, 1, 2 (None = /dev/null), in init's
@@ -127,8 +156,8 @@ class Sandbox:
             actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(srcs)]
             return os.posix_spawnp(argv[0], argv, {**os.environ, **env} if env else os.environ,
                                    file_actions=actions,
-                                   setsigdef=(signal.SIGCHLD, signal.SIGPIPE, signal.SIGTERM,
-                                              signal.SIGINT, signal.SIGHUP),
+                                   setsigdef=(_signal.SIGCHLD, _signal.SIGPIPE, _signal.SIGTERM,
+                                              _signal.SIGINT, _signal.SIGHUP),
                                    setsigmask=())
         finally:
             for fd in srcs + [null]:
@@ -145,7 +174,7 @@ class Sandbox:
         msgs = []
         for line in lines:
             try:
-                rec = json.loads(line)
+                rec = tinyjson.loads(line)
             except ValueError:
                 rec = None
             if isinstance(rec, dict):
@@ -155,8 +184,8 @@ class Sandbox:
                 msgs.append(line.strip())
         return (msgs[-1] if msgs else (lines[-1] if lines else "no message"))[:2000]
 
-    def _console(self, job_path: str) -> socket.socket:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def _console(self, job_path: str) -> _socket.socket:
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         s.bind(job_path)
         s.listen(1)
         return s
@@ -164,12 +193,13 @@ class Sandbox:
     def accept_console(self, job: Job) -> None:
         """The runtime connects to the console socket and sends the pty master."""
         assert job.console is not None
-        conn, _ = job.console.accept()
+        fd, _ = job.console._accept()  # _socket's accept: a close-on-exec fd
+        conn = _socket.socket(fileno=fd)
         try:
             conn.settimeout(5)
-            _, anc, _, _ = conn.recvmsg(4096, socket.CMSG_SPACE(4), MSG_CMSG_CLOEXEC)
+            _, anc, _, _ = conn.recvmsg(4096, _socket.CMSG_SPACE(4), MSG_CMSG_CLOEXEC)
             for level, kind, data in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and len(data) >= 4:
+                if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS and len(data) >= 4:
                     job.master_fd = int.from_bytes(data[:4], "little")
                     for i in range(4, len(data) - len(data) % 4, 4):
                         os.close(int.from_bytes(data[i:i + 4], "little"))
@@ -211,7 +241,7 @@ class Sandbox:
         child_stdio = [next(it) if stdio.stdin else None, next(it) if stdio.stdout else None,
                        next(it) if stdio.stderr else None]
         try:
-            pid = self._spawn(self._rt(log, *args, cid), child_stdio)
+            pid = self._spawn_runtime(log, args + [cid], child_stdio)
         except OSError as e:
             if console is not None:
                 console.close()
@@ -262,7 +292,7 @@ class Sandbox:
     def _simple_runtime_job(self, args: list[str], what: str,
                             on_ok: Callable[[], dict] = dict) -> Job:
         log = self._tmp("log")
-        pid = self._spawn(self._rt(log, *args), [None, None, None])
+        pid = self._spawn_runtime(log, args, [None, None, None])
 
         def finish(job: Job) -> Reply:
             try:
@@ -363,7 +393,7 @@ class Sandbox:
 
     def op_sethostname(self, op: ops.SetHostname, fds: list[int]) -> Reply:
         try:
-            sysc.sethostname(op.hostname)
+            sysc.in_child(sysc.sethostname, op.hostname)  # ctypes stays out of init
         except OSError as e:
             raise OpError("hostname", str(e)) from None
         return Reply({})
@@ -406,7 +436,13 @@ class Sandbox:
 
     def op_initstats(self, op: ops.InitStats, fds: list[int]) -> Reply:
         from ..observe import process_stats
-        return Reply(process_stats(os.getpid()))
+        out = process_stats(os.getpid())
+        if self.zygote is not None and self.zygote.pid is not None:
+            try:  # the warm launcher's memory is a cost of its design: reported beside init's
+                out["zygote"] = process_stats(self.zygote.pid)
+            except OSError:
+                pass
+        return Reply(out)
 
     def op_release(self, op: ops.Release, fds: list[int]) -> Reply:
         if not self.table.release(op.pid):
@@ -429,17 +465,17 @@ class Sandbox:
                 else:
                     open(op.target, "a").close()
         try:
-            sysc.mount(op.source, op.target, None if op.fstype == "bind" else op.fstype,
-                       flags, ",".join(data) or None)
-            if op.fstype == "bind" and flags & 1:  # a bind ignores MS_RDONLY until remounted
-                sysc.mount(None, op.target, None, flags | 32, None)  # MS_REMOUNT
+            # In a short-lived child (sysc.in_child): ctypes stays out of init.
+            sysc.in_child(_mount, op.source, op.target,
+                          None if op.fstype == "bind" else op.fstype, flags,
+                          ",".join(data) or None, op.fstype == "bind" and bool(flags & 1))
         except OSError as e:
             raise OpError("", str(e)) from None
         return Reply({"target": op.target})
 
     def op_umount(self, op: ops.Umount, fds: list[int]) -> Reply:
         try:
-            sysc.umount(op.target, sysc.MNT_DETACH)
+            sysc.in_child(sysc.umount, op.target, sysc.MNT_DETACH)
         except OSError as e:
             raise OpError("target", str(e)) from None
         return Reply({})
@@ -459,9 +495,9 @@ class Sandbox:
                     out = {"ok": False, "field": e.field, "msg": e.msg}
                 except Exception as e:  # noqa: BLE001 - reported to the daemon
                     out = {"ok": False, "field": "", "msg": f"{type(e).__name__}: {e}"}
-                data = json.dumps(out).encode()
+                data = tinyjson.dumps(out).encode()
                 if len(data) > MAX_PACKET - 1024:
-                    data = json.dumps({"ok": False, "field": "", "msg":
+                    data = tinyjson.dumps({"ok": False, "field": "", "msg":
                                        f"result of {len(data)} bytes too large"}).encode()
                 view = memoryview(data)
                 while view:
@@ -475,7 +511,7 @@ class Sandbox:
 
         def finish(job: Job) -> Reply:
             try:
-                out = json.loads(bytes(job.out))
+                out = tinyjson.loads(bytes(job.out))
             except ValueError:
                 raise OpError("", f"network worker died (status {job.status})") from None
             if not out.get("ok"):

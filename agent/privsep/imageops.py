@@ -7,17 +7,52 @@ these through :data:`OPS` and :func:`parse`, and runs them with :func:`handle`.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 import sys
+
+from . import tinyjson
+from .ops import _ALNUM, _DIGITS, ValidationError, _get, _only, check_id
 from .record import record
 
-from .ops import ValidationError, _get, check_id
+# Character classes, not ``re``, for the same reason as in ops (init's memory); the patterns
+# are beside each check, and tests/init/test_zygote_unit.py compares the two.
+_REF_REST = _ALNUM | frozenset("._/:@+-")
+_HOST_REST = _ALNUM | frozenset(".-")
+_HEX_COLON = _DIGITS | frozenset("ABCDEFabcdef:")
+_LOWER_DIGITS = _DIGITS | frozenset("abcdefghijklmnopqrstuvwxyz")
 
-_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,511}\Z")
-_HOSTPORT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}(:[0-9]{1,5})?\Z|\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?\Z")
-_PLATFORM_RE = re.compile(r"[a-z0-9]{1,32}/[a-z0-9_]{1,32}(/[a-z0-9]{1,16})?\Z")
+
+def valid_ref(v: str) -> bool:
+    """``[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,511}``"""
+    return v[:1] in _ALNUM and _only(v[1:], _REF_REST, 0, 511)
+
+
+def valid_hostport(v: str) -> bool:
+    """``[A-Za-z0-9][A-Za-z0-9.-]{0,252}(:[0-9]{1,5})?`` or ``\\[[0-9A-Fa-f:]+\\](:[0-9]{1,5})?``"""
+    if v.startswith("["):
+        addr, sep, rest = v[1:].partition("]")
+        if not sep or not _only(addr, _HEX_COLON, 1, len(addr) or 1):
+            return False
+    else:
+        host, sep, port = v.partition(":")
+        if not (host[:1] in _ALNUM and _only(host[1:], _HOST_REST, 0, 252)):
+            return False
+        rest = sep + port
+    return not rest or (rest[0] == ":" and _only(rest[1:], _DIGITS, 1, 5))
+
+
+def valid_platform(v: str) -> bool:
+    """``[a-z0-9]{1,32}/[a-z0-9_]{1,32}(/[a-z0-9]{1,16})?``"""
+    parts = v.split("/")
+    return 2 <= len(parts) <= 3 and _only(parts[0], _LOWER_DIGITS, 1, 32) and \
+        _only(parts[1], _LOWER_DIGITS | {"_"}, 1, 32) and \
+        (len(parts) == 2 or _only(parts[2], _LOWER_DIGITS, 1, 16))
+
+
+def _pretty(obj) -> str:
+    return tinyjson.dumps(obj, separators=(", ", ": "))  # json.dumps' default layout
+
+
 IMAGES_DIR = "images"    # the store: blobs, layers, snapshot records
 ROOTFS_DIR = "rootfs"
 # A big image over a slow link takes a while; the puller bounds each request itself
@@ -122,7 +157,7 @@ OPS: dict[str, type] = {"pull": PullImage, "snapshot": Snapshot, "unsnapshot": U
 
 def _image(args: dict) -> str:
     ref = _get(args, "image", str)
-    if not _REF_RE.match(ref):
+    if not valid_ref(ref):
         raise ValidationError("image", f"{ref[:100]!r} is not an image reference")
     return ref
 
@@ -130,11 +165,11 @@ def _image(args: dict) -> str:
 def parse(op: str, args: dict):
     if op == "pull":
         platform = _get(args, "platform", str, "", required=False)
-        if platform and not _PLATFORM_RE.match(platform):
+        if platform and not valid_platform(platform):
             raise ValidationError("platform", f"{platform[:40]!r} is not os/arch[/variant]")
         insecure = _get(args, "insecure", list, [], required=False)
         for i, h in enumerate(insecure):
-            if not isinstance(h, str) or not _HOSTPORT_RE.match(h):
+            if not isinstance(h, str) or not valid_hostport(h):
                 raise ValidationError(f"insecure[{i}]", f"{str(h)[:80]!r} is not host[:port]")
         creds = _get(args, "creds", str, "", required=False)
         if len(creds) > 4096 or "\0" in creds or (creds and ":" not in creds):
@@ -147,7 +182,7 @@ def parse(op: str, args: dict):
         return Unsnapshot(check_id("container_id", _get(args, "container_id", str)))
     if op == "update":
         res = _get(args, "resources", dict)
-        if len(json.dumps(res)) > 64 * 1024:
+        if len(_pretty(res)) > 64 * 1024:
             raise ValidationError("resources", "too large")
         return Update(check_id("container_id", _get(args, "container_id", str)), res)
     if op in ("pause", "resume"):
@@ -191,7 +226,7 @@ def _json_job(sandbox, argv: list[str], what: str, env: dict | None = None):
             lines = [l for l in err.splitlines() if l.strip()]
             raise OpError("", f"{what} failed: {lines[-1] if lines else f'status {job.status}'}")
         try:
-            return Reply(json.loads(bytes(job.out) or b"{}"))
+            return Reply(tinyjson.loads(bytes(job.out) or b"{}"))
         except ValueError:
             raise OpError("", f"{what}: unreadable answer") from None
     return Job(pid, finish, out_r=r)
@@ -221,7 +256,7 @@ def _pull_in_container(sandbox, op: PullImage, store: str):
     cfg["linux"]["cgroupsPath"] = f"/sandbox-agent/{cid}"
     fd = os.open(os.path.join(bundle, "config.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(cfg, f)
+        f.write(_pretty(cfg))
     argv = sandbox._rt(None, "run", "--bundle", bundle, cid)
     job = _json_job(sandbox, argv, f"pull of {op.image} (puller container)")
     job.timeout = PULL_JOB_TIMEOUT
@@ -265,7 +300,7 @@ def handle(sandbox, op, fds: list[int]):
         sandbox._container(op.container_id)
         path = sandbox._tmp("resources")
         with open(path, "w") as f:
-            json.dump(op.resources, f)
+            f.write(_pretty(op.resources))
         job = sandbox._simple_runtime_job(["update", "--resources", path, op.container_id],
                                           f"update of {op.container_id!r}")
         return job

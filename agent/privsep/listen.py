@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from ..address import Address, listen_socket, parse_address  # noqa: F401 - init's names for them
+from ..address import Address, listen_fd, parse_address  # noqa: F401 - init's names for them
 
 VIRTIO_PORTS_DIR = "/dev/virtio-ports/"
 
@@ -54,6 +54,4 @@ def open_endpoint(addr: Address, backlog: int = 64) -> int:
         return os.open(addr.path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     if addr.scheme == "unix" and not addr.path.startswith("\0"):
         os.makedirs(os.path.dirname(addr.path) or "/", exist_ok=True)
-    s = listen_socket(addr, backlog)
-    s.setblocking(True)  # whoever inherits the fd chooses its own mode
-    return s.detach()
+    return listen_fd(addr, backlog)  # blocking: whoever inherits the fd chooses its own mode

@@ -10,12 +10,60 @@ handler against init's state.
 from __future__ import annotations
 
 import os
-import re
 import stat
 
 from .record import fields, record
 
-ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}\Z")
+# Character classes instead of regular expressions: init imports this module, and ``re``
+# (with enum and functools) costs it ~1.3 MB. The patterns each check replaces are given
+# beside it; tests/init/test_zygote_unit.py checks them against ``re`` on generated input.
+_DIGITS = frozenset("0123456789")
+_ALNUM = _DIGITS | frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_ID_REST = _ALNUM | frozenset("_.+-")
+_NAME = _ALNUM | frozenset("_.-")
+_OPT_VALUE = _NAME | frozenset(":/@+")
+_HOST_REST = _ALNUM | frozenset(".-")
+_RESOLV = (  # (keyword and space, allowed characters, shortest, longest)
+    ("nameserver ", _DIGITS | frozenset("ABCDEFabcdefghijklmnopqrstuvwxyz.:%"), 2, 64),
+    ("search ", _ALNUM | frozenset(". _-"), 1, 1000),
+    ("domain ", _ALNUM | frozenset(". _-"), 1, 1000),
+    ("options ", _ALNUM | frozenset(":. _-"), 1, 200),
+    ("sortlist ", _DIGITS | frozenset("./ "), 1, 200),
+)
+
+
+def _only(s: str, allowed: frozenset, lo: int, hi: int) -> bool:
+    return lo <= len(s) <= hi and all(c in allowed for c in s)
+
+
+def valid_id(v: str) -> bool:
+    """``[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}``"""
+    return v[:1] in _ALNUM and _only(v[1:], _ID_REST, 0, 127)
+
+
+def valid_name(v: str) -> bool:
+    """``[A-Za-z0-9_.-]{1,64}``: a virtiofs/9p tag, a tmpfs or overlay source name."""
+    return _only(v, _NAME, 1, 64)
+
+
+def valid_data_option(o: str) -> bool:
+    """``[A-Za-z0-9_.-]{1,64}(=[A-Za-z0-9_.:/@+-]{0,4096})?``"""
+    key, eq, val = o.partition("=")
+    return _only(key, _NAME, 1, 64) and (not eq or _only(val, _OPT_VALUE, 0, 4096))
+
+
+def valid_hostname(v: str) -> bool:
+    """``[A-Za-z0-9]([A-Za-z0-9.-]{0,62})?``"""
+    return v[:1] in _ALNUM and _only(v[1:], _HOST_REST, 0, 62)
+
+
+def valid_resolv_line(ln: str) -> bool:
+    """``nameserver [0-9A-Fa-f.:%a-z]{2,64}``, ``(search|domain) [A-Za-z0-9. _-]{1,1000}``,
+    ``options [A-Za-z0-9:. _-]{1,200}`` or ``sortlist [0-9./ ]{1,200}``"""
+    return any(ln.startswith(kw) and _only(ln[len(kw):], ok, lo, hi)
+               for kw, ok, lo, hi in _RESOLV)
+
+
 MAX_SIGNAL = 64
 FSTYPES = frozenset({"bind", "virtiofs", "9p", "ext4", "xfs", "btrfs", "erofs", "squashfs",
                      "vfat", "tmpfs", "overlay"})
@@ -25,10 +73,6 @@ MOUNT_FLAGS = {
     "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21, "strictatime": 1 << 24,
     "bind": 4096, "rbind": 4096 | 16384,
 }
-_DATA_OPT_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}(=[A-Za-z0-9_.:/@+-]{0,4096})?\Z")
-HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,62})?\Z")
-RESOLV_RE = re.compile(r"(nameserver [0-9A-Fa-f.:%a-z]{2,64}|(search|domain) [A-Za-z0-9. _-]"
-                       r"{1,1000}|options [A-Za-z0-9:. _-]{1,200}|sortlist [0-9./ ]{1,200})\Z")
 MAX_RESOLV_LINES = 64
 NET_ACTIONS = frozenset({"list_interfaces", "list_routes", "update_interface",
                          "update_routes", "add_arp_neighbors"})
@@ -183,7 +227,7 @@ def _get(args: dict, name: str, kind: type, default=None, required: bool = True)
 
 
 def check_id(name: str, v: str) -> str:
-    if not ID_RE.match(v):
+    if not valid_id(v):
         raise ValidationError(name, f"{v[:80]!r} is not a valid id ([A-Za-z0-9][A-Za-z0-9_.+-]"
                                     "{0,127})")
     return v
@@ -263,7 +307,7 @@ def _mount_options(fstype: str, opts: list, run_dir: str) -> tuple[str, ...]:
         if o in MOUNT_FLAGS:
             out.append(o)
             continue
-        if not _DATA_OPT_RE.match(o):
+        if not valid_data_option(o):
             raise ValidationError(f"options[{i}]", f"{o[:100]!r} is not a mount option")
         key, _, val = o.partition("=")
         if fstype == "overlay" and key in ("lowerdir", "upperdir", "workdir"):
@@ -275,12 +319,12 @@ def _mount_options(fstype: str, opts: list, run_dir: str) -> tuple[str, ...]:
 
 def parse(op: str, args: object, nfds: int, run_dir: str):
     """Build the typed operation ``op`` from ``args``; ``nfds`` = fds the packet carried."""
-    from . import imageops  # image and runtime-state operations live there
-
-    if isinstance(op, str) and op in imageops.OPS and isinstance(args, dict):
-        if nfds:
-            raise ValidationError("fds", f"op {op!r} takes no file descriptors, got {nfds}")
-        return imageops.parse(op, args)
+    if isinstance(op, str) and op not in OPS and isinstance(args, dict):
+        from . import imageops  # image and runtime-state operations live there
+        if op in imageops.OPS:
+            if nfds:
+                raise ValidationError("fds", f"op {op!r} takes no file descriptors, got {nfds}")
+            return imageops.parse(op, args)
     if not isinstance(op, str) or op not in OPS:
         raise ValidationError("op", f"unknown operation {str(op)[:64]!r} "
                                     f"(known: {', '.join(sorted(OPS))})")
@@ -338,7 +382,7 @@ def parse(op: str, args: object, nfds: int, run_dir: str):
         if fstype == "bind":
             source = under("source", source, run_dir)
         elif fstype in ("virtiofs", "9p", "tmpfs", "overlay"):
-            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", source):
+            if not valid_name(source):
                 raise ValidationError("source", f"{source[:64]!r} is not a tag/name")
         else:
             if not source.startswith("/dev/") or not os.path.exists(source) \
@@ -359,7 +403,7 @@ def parse(op: str, args: object, nfds: int, run_dir: str):
         return Net(action, _get(args, "args", dict, {}, required=False))
     if op == "set_hostname":
         name = _get(args, "hostname", str)
-        if not HOSTNAME_RE.match(name):
+        if not valid_hostname(name):
             raise ValidationError("hostname", f"{name[:80]!r} is not a host name "
                                               "(letters, digits, '.', '-'; at most 63)")
         return SetHostname(name)
@@ -368,7 +412,7 @@ def parse(op: str, args: object, nfds: int, run_dir: str):
         if len(lines) > MAX_RESOLV_LINES:
             raise ValidationError("lines", f"{len(lines)} lines; at most {MAX_RESOLV_LINES}")
         for i, ln in enumerate(lines):
-            if not isinstance(ln, str) or not RESOLV_RE.match(ln):
+            if not isinstance(ln, str) or not valid_resolv_line(ln):
                 raise ValidationError(f"lines[{i}]", f"{str(ln)[:80]!r} is not a resolv.conf "
                                                      "line this agent writes")
         return WriteResolv(tuple(lines))

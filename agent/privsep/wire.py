@@ -1,9 +1,16 @@
-"""Packet encoding for the privsep channel: JSON objects, one per SEQPACKET, fds beside them."""
+"""Packet encoding for the privsep channel: JSON objects, one per SEQPACKET, fds beside them.
+
+Over ``_socket`` and :mod:`tinyjson`, not ``socket`` and ``json``: init imports this, and those
+two build enums and regular expressions it does not need (~2 MB of its memory). Any socket
+object with sendmsg/recvmsg works, a ``socket.socket`` or trio's included.
+"""
 from __future__ import annotations
 
-import json
+import _socket
 import os
-import socket
+import sys
+
+from . import tinyjson
 
 from .record import field, record
 
@@ -11,7 +18,8 @@ MAX_PACKET = 128 * 1024
 MAX_FDS = 8
 MSG_CMSG_CLOEXEC = 0x40000000
 # SCM_RIGHTS carries at most MAX_FDS ints; ancillary buffer sized for exactly that.
-_CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
+_CMSG_SPACE = _socket.CMSG_SPACE(MAX_FDS * 4)
+_SOL_SOCKET, _SCM_RIGHTS = _socket.SOL_SOCKET, _socket.SCM_RIGHTS
 
 
 class ProtocolError(ValueError):
@@ -33,7 +41,7 @@ class Packet:
 
 
 def encode(msg: dict) -> bytes:
-    data = json.dumps(msg, separators=(",", ":"), allow_nan=False).encode()
+    data = tinyjson.dumps(msg).encode()
     if len(data) > MAX_PACKET:
         raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_PACKET} byte cap")
     return data
@@ -43,7 +51,7 @@ def decode(data: bytes) -> dict:
     if len(data) > MAX_PACKET:
         raise ProtocolError(f"packet of {len(data)} bytes exceeds the {MAX_PACKET} byte cap")
     try:
-        msg = json.loads(data.decode("utf-8"))
+        msg = tinyjson.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(f"packet is not JSON: {e}") from None
     if not isinstance(msg, dict):
@@ -58,18 +66,20 @@ def decode(data: bytes) -> dict:
     return msg
 
 
-def send_packet(sock: socket.socket, msg: dict, fds: list[int] | tuple[int, ...] = ()) -> None:
+def send_packet(sock, msg: dict, fds: list[int] | tuple[int, ...] = ()) -> None:
     """Send one message (blocking or not, as the socket is; raises BlockingIOError)."""
     data = encode(msg)
     if len(fds) > MAX_FDS:
         raise ProtocolError(f"{len(fds)} fds exceed the cap of {MAX_FDS}")
     if fds:
-        socket.send_fds(sock, [data], list(fds))
+        sock.sendmsg([data], [(_SOL_SOCKET, _SCM_RIGHTS,
+                               b"".join(fd.to_bytes(4, sys.byteorder, signed=True)
+                                        for fd in fds))])
     else:
         sock.send(data)
 
 
-def recv_packet(sock: socket.socket) -> Packet | None:
+def recv_packet(sock) -> Packet | None:
     """Receive one packet; None at EOF. Raises ProtocolError for a malformed one.
 
     Received fds are closed when the packet is rejected, so garbage cannot leak them.
@@ -79,17 +89,17 @@ def recv_packet(sock: socket.socket) -> Packet | None:
     data, ancdata, flags, _ = sock.recvmsg(MAX_PACKET + 1, _CMSG_SPACE, MSG_CMSG_CLOEXEC)
     fds: list[int] = []
     for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
             n = len(payload) - len(payload) % 4
-            fds.extend(int.from_bytes(payload[i:i + 4], "little", signed=True)
+            fds.extend(int.from_bytes(payload[i:i + 4], sys.byteorder, signed=True)
                        for i in range(0, n, 4))
     pkt = Packet({}, fds)
     if not data and not fds:
         return None
     try:
-        if flags & socket.MSG_CTRUNC:
+        if flags & _socket.MSG_CTRUNC:
             raise ProtocolError(f"too many fds in one packet (cap {MAX_FDS})")
-        if flags & socket.MSG_TRUNC:
+        if flags & _socket.MSG_TRUNC:
             raise ProtocolError(f"packet exceeds the {MAX_PACKET} byte cap")
         pkt.msg = decode(data)
     except ProtocolError:
@@ -98,13 +108,14 @@ def recv_packet(sock: socket.socket) -> Packet | None:
     return pkt
 
 
-def socketpair() -> tuple[socket.socket, socket.socket]:
-    """The init end and the daemon end; both close-on-exec (init clears it on the child's)."""
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+def socketpair():
+    """The init end and the daemon end (``_socket.socket`` objects); both close-on-exec (init
+    clears it on the child's)."""
+    a, b = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     try:
         # Replies such as a route listing can be large: the send buffer bounds a packet.
-        a.setsockopt(socket.SOL_SOCKET, 32, 4 * MAX_PACKET)  # SO_SNDBUFFORCE, needs root
+        a.setsockopt(_SOL_SOCKET, 32, 4 * MAX_PACKET)  # SO_SNDBUFFORCE, needs root
     except OSError:
-        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MAX_PACKET)
-    b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MAX_PACKET)
+        a.setsockopt(_SOL_SOCKET, _socket.SO_SNDBUF, 4 * MAX_PACKET)
+    b.setsockopt(_SOL_SOCKET, _socket.SO_SNDBUF, 4 * MAX_PACKET)
     return a, b

@@ -45,8 +45,10 @@ def rootfs(tmp_path_factory) -> str:
 
 
 class Agent:
-    def __init__(self, tmp: Path, netns: str = "", runtime: str = "") -> None:
+    def __init__(self, tmp: Path, netns: str = "", runtime: str = "",
+                 extra: tuple[str, ...] = ()) -> None:
         self.netns = netns
+        self.extra = list(extra)
         self.runtime = runtime or RUNTIME
         self.run_dir = tmp / "run"
         self.sock = tmp / "agent.sock"
@@ -57,7 +59,7 @@ class Agent:
     def start(self) -> None:
         argv = (["ip", "netns", "exec", self.netns] if self.netns else []) + ["unshare", "--pid", "--fork", "--mount", "--propagation", "private", "--mount-proc",
                 sys.executable, "-m", "agent.init", "--subreaper", "--server-addr", self.addr,
-                "--run-dir", str(self.run_dir), "--runtime", self.runtime, "--log-level", "debug"]
+                "--run-dir", str(self.run_dir), "--runtime", self.runtime, "--log-level", "debug"] + self.extra
         self.proc = subprocess.Popen(argv, cwd=REPO, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
         t0 = time.monotonic()
