@@ -189,7 +189,6 @@ def main() -> int:
                 from agent.protos import agent_pb2
                 # ReadStdout: a container writes stdout_mib MiB as fast as dd can; the client
                 # reads it to EOF with 4 MiB requests, as a runtime's copy loop does
-                from agent.protos import agent_pb2
                 daemon_pid = agents["agent"].pids()["daemon"]
                 for run in range(args.stdout_runs):
                     cid = f"out{run}"
