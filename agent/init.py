@@ -600,6 +600,28 @@ class Init:
             pass
 
 
+def start_debug_consoles(cfg: AgentConfig, log: JsonLogger) -> list[int]:
+    """Kata's agent.debug_console / agent.debug_console_vport: a root shell on the console, or
+    one per connection to a vsock port. Each is its own self-supervising process
+    (agent/debug_console.py), so PID 1 carries none of it and reaps it like any orphan."""
+    targets = []
+    if cfg.debug_console:
+        targets.append(["console"])
+    if cfg.debug_console_vport:
+        targets.append(["listen", f"vsock://-1:{cfg.debug_console_vport}"])
+    pids = []
+    for t in targets:
+        argv = [sys.executable, "-m", "agent.debug_console", *t]
+        try:
+            pids.append(os.posix_spawn(argv[0], argv, dict(os.environ), setsid=True,
+                                       setsigdef=(signal.SIGCHLD, signal.SIGTERM, signal.SIGINT,
+                                                  signal.SIGHUP, signal.SIGPIPE)))
+            log.warn("debug console started: a root shell", where=" ".join(t), pid=pids[-1])
+        except OSError as e:
+            log.error("cannot start the debug console", where=" ".join(t), error=str(e))
+    return pids
+
+
 def default_daemon_argv() -> list[str]:
     return [sys.executable, "-m", "agent.daemon"]
 
@@ -778,6 +800,8 @@ def main(argv: list[str] | None = None) -> int:
             _power_off()
         return 1
     init = Init(cfg, daemon_argv, vm=vm, log=log, listen_fd=listen_fd, log_sink=sink)
+    if vm:
+        start_debug_consoles(cfg, log)
     if a is not None:
         init.job_timeout = a.job_timeout
     return init.run()

@@ -145,3 +145,36 @@ def test_console_device_follows_the_active_console(tmp_path):
     f.write_text("tty0 ttyS0\n")
     assert console_device(str(f)) == "/dev/ttyS0"
     assert console_device(str(tmp_path / "missing")) == "/dev/console"
+
+
+def test_init_starts_the_vport_console_from_its_config(monkeypatch):
+    """init's wiring: agent.debug_console_vport=N starts one self-supervising listener on
+    vsock port N (the host has AF_VSOCK sockets but no loopback transport to connect with)."""
+    from agent.cmdline import AgentConfig
+    from agent.init import start_debug_consoles
+    from agent.observe import JsonLogger
+    from agent.privsep.record import replace
+
+    monkeypatch.chdir(REPO)
+    assert start_debug_consoles(AgentConfig(), JsonLogger("t", "info")) == []
+    port = 20000 + os.getpid() % 20000
+    cfg = replace(AgentConfig(), debug_console_vport=port)
+    env = os.environ.get("SANDBOX_AGENT_DEBUG_SHELL")
+    os.environ["SANDBOX_AGENT_DEBUG_SHELL"] = SHELL
+    try:
+        (pid,) = start_debug_consoles(cfg, JsonLogger("t", "info"))
+    finally:
+        if env is None:
+            os.environ.pop("SANDBOX_AGENT_DEBUG_SHELL")
+        else:
+            os.environ["SANDBOX_AGENT_DEBUG_SHELL"] = env
+    try:
+        time.sleep(0.5)  # cmdline reads empty until the exec has set up the new image
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0), "the listener exited"
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        assert b"agent.debug_console" in argv and f"vsock://-1:{port}".encode() in argv
+        assert os.getsid(pid) == pid  # its own session, away from init's terminal
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
