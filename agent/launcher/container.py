@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 
-from . import console, hooks, process, state, sync
+from . import cgwarm, console, hooks, process, state, sync
 from . import syscalls as S
 from .init import NS_PROC, _c_main, _die_with, _Init, _load_seccomp, _needs_state
 from .spec import Hook, Spec, SpecError, load_spec, parse_hooks, parse_process
@@ -46,14 +46,32 @@ def _write_id_maps(pid: int, spec: Spec) -> None:
                             f"(linux.uidMappings/gidMappings): {e}") from None
 
 
+def _use_trampoline(it: _Init, plan, seccomp_plan) -> bool:
+    """The container's init may stay a plain fork of the (writable) interpreter and reach the
+    container's program through the sealed trampoline (trampoline.py) when: the CPU is one the
+    trampoline is written for; the pid namespace is new, so no container process can look at
+    the init's /proc entry before it executes the program; and the seccomp profile lets the
+    extra execveat through."""
+    from . import trampoline
+    return (trampoline.available() and ("pid", None) in plan
+            and trampoline.usable_with(seccomp_plan))
+
+
 def _start_c(sc: S.Linux | None, it: _Init, parent, child, plan, want_maps: bool,
-             timens: dict | None) -> int:
+             timens: dict | None, fast_exec: bool = False, seccomp_plan=None) -> int:
     """Fork C. If our own executable could be written through /proc/PID/exe (CVE-2019-5736),
-    C executes a sealed memfd copy of the interpreter instead of continuing as a fork, so no
-    process that ever enters the container maps the host's file. Its start-up runs while the
-    launcher moves it into the cgroup (which waits for an RCU grace period, ~10 ms)."""
+    either C executes a sealed memfd copy of the interpreter instead of continuing as a fork
+    (its start-up overlaps the launcher's cgroup attach), so no process that ever enters the
+    container maps the host's file; or, with ``fast_exec`` (``run``: nothing can join the
+    container between create and start) and when _use_trampoline allows, C stays a fork and
+    G execs the program through the sealed trampoline."""
     from . import selfexe
-    if selfexe.exe_is_protected():
+    it.trampoline_fd = None
+    protected = selfexe.exe_is_protected()
+    if protected or (fast_exec and _use_trampoline(it, plan, seccomp_plan)):
+        if not protected:
+            from . import trampoline
+            it.trampoline_fd = trampoline.sealed_fd()
         it.seccomp_mod = _load_seccomp(it.seccomp) if it.seccomp else None
         pid = os.fork()
         if pid == 0:
@@ -86,27 +104,30 @@ def _start_c(sc: S.Linux | None, it: _Init, parent, child, plan, want_maps: bool
 
 def _spawn(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]], spec: Spec | None,
            cgroup, console_socket: str | None, state_of, timens: dict | None,
-           runtime_hooks: tuple[list[Hook], list[Hook]] = ([], [])) -> int:
+           runtime_hooks: tuple[list[Hook], list[Hook]] = ([], []),
+           fast_exec: bool = False) -> int:
     """Fork C (and through it G); drive the handshake until G is ready (or has exec'd, when
     there is no fifo). Returns G's pid."""
     if it.proc.terminal and not console_socket:
         raise LauncherError("process.terminal is true but no --console-socket was given")
     it.seccomp_mod = None
+    seccomp_plan = None
     if it.seccomp:
         # A bad profile fails here, in the launcher, with the field named. libseccomp itself
         # is loaded by C (_start_c / init._c_boot), before it enters the container.
         from . import seccomp as seccomp_mod
-        seccomp_mod.plan(it.seccomp)
+        seccomp_plan = seccomp_mod.plan(it.seccomp)
     parent, child = sync.pair()
     userns_new = any(t == "user" and not p for t, p in plan)
     want_maps = userns_new and bool(spec and (spec.linux.uid_mappings or
                                               spec.linux.gid_mappings))
-    cpid = _start_c(sc, it, parent, child, plan, want_maps, timens)
+    cpid = _start_c(sc, it, parent, child, plan, want_maps, timens, fast_exec, seccomp_plan)
     child.close()
     gpid = 0
     try:
         if cgroup is not None:
             cgroup.add_pid(cpid)
+            cgwarm.stop()
         sync.send(parent, {"go": 1})
         if want_maps:
             sync.recv(parent, "entering the user namespace")
@@ -153,6 +174,7 @@ def _spawn(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]], sp
             _wait_gone(gpid, 2.0)
         raise
     finally:
+        cgwarm.stop()
         parent.close()
     return gpid
 
@@ -210,8 +232,15 @@ class Launcher:
     # -- create / start ----------------------------------------------------------------------
 
     def create(self, cid: str, bundle: str, pid_file: str | None = None,
-               console_socket: str | None = None, no_pivot: bool = False) -> int:
-        """Create the container and leave its process waiting for start(); returns its pid."""
+               console_socket: str | None = None, no_pivot: bool = False, *,
+               fast_exec: bool = False) -> int:
+        """Create the container and leave its process waiting for start(); returns its pid.
+
+        ``fast_exec``: the caller starts the container right away (``run``), so the waiting
+        init may be a plain fork that execs the program through the sealed trampoline instead
+        of a sealed interpreter copy (see _start_c); a container that waits for a separate
+        ``start``, which other processes could be exec'd into meanwhile, keeps the copy."""
+        cgwarm.start()
         bundle = os.path.abspath(bundle)
         spec = load_spec(os.path.join(bundle, "config.json"))
         _check_spec(spec)
@@ -259,7 +288,8 @@ class Launcher:
             try:
                 gpid = _spawn(self._sc, it, _namespace_plan(spec), spec, cg, console_socket,
                             state_of, spec.linux.time_offsets,
-                            (spec.hooks["prestart"], spec.hooks["createRuntime"]))
+                            (spec.hooks["prestart"], spec.hooks["createRuntime"]),
+                            fast_exec)
             finally:
                 os.chdir(prev)
             record["pid"] = gpid
@@ -379,6 +409,7 @@ class Launcher:
              console_socket: str | None = None, detach: bool = False) -> int:
         """Run another process in the container; returns its exit code, or its pid with
         ``detach``."""
+        cgwarm.start()
         rec = self.store.load(cid)
         st = state.status(self.store, cid, rec)
         if st not in ("created", "running"):
@@ -414,7 +445,7 @@ class Launcher:
         if not detach:
             # G's parent (C) exits at once; as subreaper we inherit G and can wait for it.
             self.sc.prctl(S.PR_SET_CHILD_SUBREAPER, 1)
-        pid = self.create(cid, bundle, pid_file, console_socket, no_pivot)
+        pid = self.create(cid, bundle, pid_file, console_socket, no_pivot, fast_exec=True)
         try:
             self.start(cid)
         except BaseException:

@@ -183,6 +183,8 @@ def _g_main(sc: S.Linux, it: _Init, sock) -> None:
         process.switch_user(sc, proc)
         keep = {it.fifo_fd} if it.fifo_fd is not None else set()
         keep |= getattr(it, "keep_fds", set())
+        if getattr(it, "trampoline_fd", None) is not None:
+            keep.add(it.trampoline_fd)
         if sock is not None:
             keep.add(sock.fileno())
         process.close_fds_except(sc, keep)  # type: ignore[arg-type]
@@ -234,6 +236,10 @@ def _g_main(sc: S.Linux, it: _Init, sock) -> None:
             capabilities.apply_final(caps, sc)
         if notify_fd is not None:
             _send_notify_fd(listener, notify_fd, it)
+        tfd = getattr(it, "trampoline_fd", None)
+        if tfd is not None:
+            from . import trampoline
+            trampoline.execve(tfd, exe, proc.args, env)
         os.execve(exe, proc.args, env)
     except BaseException as e:  # noqa: BLE001 - reported to the launcher, then exit
         if sock is not None:
