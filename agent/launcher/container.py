@@ -57,6 +57,22 @@ def _use_trampoline(it: _Init, plan, seccomp_plan) -> bool:
             and trampoline.usable_with(seccomp_plan))
 
 
+_protected: bool | None = None
+
+
+def _exe_protected() -> bool:
+    global _protected
+    if _protected is None:  # a process's executable does not change: ask once
+        from . import selfexe
+        _protected = selfexe.exe_is_protected()
+    return _protected
+
+
+def _plain_fork(fast_exec: bool, it: _Init, plan, seccomp_plan) -> bool:
+    """C may be a plain fork of the launcher (see _start_c)."""
+    return _exe_protected() or (fast_exec and _use_trampoline(it, plan, seccomp_plan))
+
+
 def _start_c(sc: S.Linux | None, it: _Init, parent, child, plan, want_maps: bool,
              timens: dict | None, fast_exec: bool = False, seccomp_plan=None) -> int:
     """Fork C. If our own executable could be written through /proc/PID/exe (CVE-2019-5736),
@@ -65,10 +81,9 @@ def _start_c(sc: S.Linux | None, it: _Init, parent, child, plan, want_maps: bool
     container maps the host's file; or, with ``fast_exec`` (``run``: nothing can join the
     container between create and start) and when _use_trampoline allows, C stays a fork and
     G execs the program through the sealed trampoline."""
-    from . import selfexe
     it.trampoline_fd = None
-    protected = selfexe.exe_is_protected()
-    if protected or (fast_exec and _use_trampoline(it, plan, seccomp_plan)):
+    protected = _exe_protected()
+    if _plain_fork(fast_exec, it, plan, seccomp_plan):
         if not protected:
             from . import trampoline
             it.trampoline_fd = trampoline.sealed_fd()
@@ -80,6 +95,7 @@ def _start_c(sc: S.Linux | None, it: _Init, parent, child, plan, want_maps: bool
             os._exit(1)
         return pid
     import _pickle
+    from . import selfexe
     exe_fd = selfexe.sealed_copy("/proc/self/exe")
     boot = selfexe.boot_code("agent.launcher.init", "_c_boot",
                              f"int(sys.argv[1])")
@@ -105,9 +121,17 @@ def _start_c(sc: S.Linux | None, it: _Init, parent, child, plan, want_maps: bool
 def _spawn(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]], spec: Spec | None,
            cgroup, console_socket: str | None, state_of, timens: dict | None,
            runtime_hooks: tuple[list[Hook], list[Hook]] = ([], []),
-           fast_exec: bool = False) -> int:
+           fast_exec: bool = False, cgroup_setup=None) -> int:
     """Fork C (and through it G); drive the handshake until G is ready (or has exec'd, when
-    there is no fifo). Returns G's pid."""
+    there is no fifo). Returns G's pid.
+
+    ``cgroup_setup`` (make the cgroup directories and write the limits) runs here. When C is a
+    plain fork (no interpreter to start) and the container gets a new pid namespace, C and G
+    start first ("early cgroup"): the launcher makes the cgroups and attaches G while G builds
+    the root file system, and G waits for the word before anything that needs them
+    (init._cgroup_ready). Both the directory writes and the attach take the kernel's cgroup
+    locks, whose first use can wait an RCU grace period (cgwarm.py): that wait now overlaps
+    G's mounts instead of preceding them. Otherwise C is attached before it does anything."""
     if it.proc.terminal and not console_socket:
         raise LauncherError("process.terminal is true but no --console-socket was given")
     it.seccomp_mod = None
@@ -121,14 +145,23 @@ def _spawn(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]], sp
     userns_new = any(t == "user" and not p for t, p in plan)
     want_maps = userns_new and bool(spec and (spec.linux.uid_mappings or
                                               spec.linux.gid_mappings))
+    it.early_cgroup = it.cgroup_pending = False
+    early = (cgroup is not None and spec is not None and ("pid", None) in plan
+             and _plain_fork(fast_exec, it, plan, seccomp_plan))
+    if early:
+        it.early_cgroup = it.cgroup_pending = True
+    elif cgroup_setup is not None:
+        cgroup_setup()
     cpid = _start_c(sc, it, parent, child, plan, want_maps, timens, fast_exec, seccomp_plan)
     child.close()
     gpid = 0
     try:
-        if cgroup is not None:
+        if early:
+            cgroup_setup()
+        elif cgroup is not None:
             cgroup.add_pid(cpid)
             cgwarm.stop()
-        sync.send(parent, {"go": 1})
+            sync.send(parent, {"go": 1})
         if want_maps:
             sync.recv(parent, "entering the user namespace")
             _write_id_maps(cpid, spec)  # type: ignore[arg-type]
@@ -138,6 +171,15 @@ def _spawn(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]], sp
         os.waitpid(cpid, 0)
         if _needs_state(it):
             sync.send(parent, {"state": state_of(gpid, "created")})
+        if early:
+            try:
+                cgroup.add_pid(gpid)
+            except Exception:
+                # G may have failed already (and gone): its report is the better error.
+                sync.recv(parent, "setting up the container")
+                raise
+            cgwarm.stop()
+            sync.send(parent, {"cgroup": 1})
         while True:
             try:
                 msg, fds = sync.recv(parent, "setting up the container")
@@ -260,8 +302,10 @@ class Launcher:
             # no reader gets ENXIO, which is how start() tells "G died" from "G waits".
             fifo_fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             cg = _open_cgroup(spec.linux.cgroups_path, cid)
-            cg.create()
-            cg.apply(spec.linux.resources or {})
+
+            def cgroup_setup() -> None:
+                cg.create()
+                cg.apply(spec.linux.resources or {})
             types = {n.type: n.path for n in spec.linux.namespaces}
             record = {"id": cid, "bundle": bundle, "rootfs": root_path,
                       "annotations": spec.annotations, "pid": 0, "starttime": None,
@@ -289,7 +333,7 @@ class Launcher:
                 gpid = _spawn(self._sc, it, _namespace_plan(spec), spec, cg, console_socket,
                             state_of, spec.linux.time_offsets,
                             (spec.hooks["prestart"], spec.hooks["createRuntime"]),
-                            fast_exec)
+                            fast_exec, cgroup_setup)
             finally:
                 os.chdir(prev)
             record["pid"] = gpid

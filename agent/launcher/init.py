@@ -44,10 +44,14 @@ def _reset_signals() -> None:
 # --- the namespace stage (process C) ---------------------------------------------------------
 
 def _enter_namespaces(sc: S.Linux, sock, plan: list[tuple[str, str | None]],
-                      want_maps: bool) -> None:
-    """Join (path) or create (None) each namespace in ``plan``; user namespace first."""
+                      want_maps: bool, defer_cgroupns: bool = False) -> None:
+    """Join (path) or create (None) each namespace in ``plan``; user namespace first.
+    ``defer_cgroupns``: leave a new cgroup namespace to G (_cgroup_ready), which creates it
+    once it is in its cgroups."""
     joins = {t: os.open(p, os.O_RDONLY | os.O_CLOEXEC) for t, p in plan if p}
     new = {t for t, p in plan if not p}
+    if defer_cgroupns:
+        new.discard("cgroup")
     if "user" in joins:
         sc.setns(joins.pop("user"), S.CLONE_NEWUSER)
     elif "user" in new:
@@ -87,6 +91,19 @@ class _Init:
         self.start_hooks, self.create_hooks = start_hooks, create_hooks
 
 
+def _cgroup_ready(sc: S.Linux, it: _Init, sock) -> None:
+    """In early-cgroup mode (container.py, _spawn) G starts before its cgroups exist; the
+    launcher attaches it while it builds the root file system and then says so. Called before
+    anything that needs the cgroup: a cgroup mount, hooks, a new cgroup namespace, and at the
+    latest before pivot_root (so before any of the container's own code runs)."""
+    if not getattr(it, "cgroup_pending", False):
+        return
+    sync.recv(sock, "waiting for the cgroup")
+    it.cgroup_pending = False
+    if it.cgroupns:
+        sc.unshare(S.CLONE_NEWCGROUP)
+
+
 def _build_rootfs(sc: S.Linux, it: _Init, sock) -> None:
     spec = it.spec
     assert spec is not None and it.rootfs_path is not None
@@ -101,10 +118,13 @@ def _build_rootfs(sc: S.Linux, it: _Init, sock) -> None:
         ctx = rootfs.MountContext(it.rootfs_path, rootfd, it.userns, it.cgroup_paths,
                                   it.cgroupns)
         for m in spec.mounts:
+            if m.type in ("cgroup", "cgroup2"):
+                _cgroup_ready(sc, it, sock)
             rootfs.mount_one(sc, m, ctx)
         rootfs.setup_dev(sc, spec, ctx)
     finally:
         os.close(rootfd)
+    _cgroup_ready(sc, it, sock)
     state_json = ""
     if any(spec.hooks[k] for k in ("prestart", "createRuntime")) or it.create_hooks:
         sync.send(sock, {"hooks": 1})
@@ -154,6 +174,7 @@ def _g_main(sc: S.Linux, it: _Init, sock) -> None:
         if it.spec is not None:
             stage = "building the root file system"
             _build_rootfs(sc, it, sock)
+        _cgroup_ready(sc, it, sock)
         if proc.terminal:
             stage = "creating the terminal"
             master, slave = console.open_pty(proc.console_size)
@@ -278,8 +299,10 @@ def _state_for_hooks(it: _Init) -> str:
 
 def _c_main(sc: S.Linux, it: _Init, sock, plan, want_maps: bool, timens: dict | None) -> None:
     try:
-        sync.recv(sock, "waiting for the cgroup")
-        _enter_namespaces(sc, sock, plan, want_maps)
+        early = getattr(it, "early_cgroup", False)
+        if not early:
+            sync.recv(sock, "waiting for the cgroup")
+        _enter_namespaces(sc, sock, plan, want_maps, defer_cgroupns=early)
         if timens:
             with open("/proc/self/timens_offsets", "w") as f:
                 for clock, off in timens.items():
