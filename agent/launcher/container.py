@@ -423,6 +423,48 @@ class Launcher:
         except ProcessLookupError:
             raise LauncherError(f"container {cid!r}: process {rec['pid']} is gone") from None
 
+    # -- pause / resume / update ---------------------------------------------------------------
+
+    def pause(self, cid: str) -> None:
+        """Freeze every process of the container (v1 freezer or cgroup.freeze) and wait until
+        the kernel reports it frozen; ``state`` then says "paused"."""
+        rec = self.store.load(cid)
+        st = state.status(self.store, cid, rec)
+        if st not in ("running", "created"):
+            raise LauncherError(f"container {cid!r} is {st}: only a running or created "
+                                "container can be paused")
+        cg = _open_cgroup(rec.get("cgroupsPath"), cid)
+        cg.freeze()
+        with open(self.store.paused_marker(cid), "w"):
+            pass
+
+    def resume(self, cid: str) -> None:
+        rec = self.store.load(cid)
+        st = state.status(self.store, cid, rec)
+        if st != "paused":
+            raise LauncherError(f"container {cid!r} is {st}, not paused: nothing to resume")
+        _open_cgroup(rec.get("cgroupsPath"), cid).thaw()
+        os.unlink(self.store.paused_marker(cid))
+
+    def update(self, cid: str, resources: dict) -> None:
+        """Change the limits of a created, running or paused container: an OCI
+        ``LinuxResources`` object (as ``runc update`` takes). Device rules cannot be changed
+        this way (runc ignores them too)."""
+        if not isinstance(resources, dict):
+            raise LauncherError(f"update of {cid!r}: resources must be a JSON object, got "
+                                f"{type(resources).__name__}")
+        rec = self.store.load(cid)
+        st = state.status(self.store, cid, rec)
+        if st == "stopped":
+            raise LauncherError(f"container {cid!r} is stopped: cannot update it")
+        res = {k: v for k, v in resources.items() if k != "devices" and v is not None}
+        cg = _open_cgroup(rec.get("cgroupsPath"), cid)
+        from .cgroups import CgroupError
+        try:
+            cg.apply(res, devices_defaults=False)
+        except (OSError, ValueError, TypeError, CgroupError) as e:
+            raise LauncherError(f"update of {cid!r}: {e}") from None
+
     def delete(self, cid: str, force: bool = False) -> None:
         rec = self.store.load(cid)
         st = state.status(self.store, cid, rec)
@@ -430,6 +472,14 @@ class Launcher:
             raise LauncherError(f"container {cid!r} is {st}, not stopped: kill it first or "
                                 "use --force")
         cg = _open_cgroup(rec.get("cgroupsPath"), cid)
+        if st == "paused":
+            # A frozen process acts on SIGKILL only once thawed: kill every process while they
+            # are frozen (none can fork meanwhile), then thaw.
+            try:
+                cg.kill(9)
+                cg.thaw()
+            except Exception as e:  # noqa: BLE001
+                _warn(f"container {cid!r}: killing its frozen processes: {e}")
         if st != "stopped":
             try:
                 os.kill(rec["pid"], 9)
