@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 
-from . import cgwarm, console, hooks, process, state, sync
+from . import cgwarm, hooks, process, state, sync
 from . import syscalls as S
 from .init import NS_PROC, _c_main, _die_with, _Init, _load_seccomp, _needs_state
 from .spec import Hook, Spec, SpecError, load_spec, parse_hooks, parse_process
@@ -134,6 +134,10 @@ def _spawn(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]], sp
     G's mounts instead of preceding them. Otherwise C is attached before it does anything."""
     if it.proc.terminal and not console_socket:
         raise LauncherError("process.terminal is true but no --console-socket was given")
+    if it.proc.terminal:
+        # termios & co. only when there is a terminal; imported here, before G forks: G cannot
+        # import anything after pivot_root (it takes it from sys.modules).
+        from . import console
     it.seccomp_mod = None
     seccomp_plan = None
     if it.seccomp:

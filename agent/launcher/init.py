@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import select
 
-from . import capabilities, console, hooks, process, rootfs, state, sync
+from . import capabilities, hooks, process, rootfs, state, sync
 from . import syscalls as S
 from .spec import Hook, Process, Spec
 
@@ -177,6 +177,7 @@ def _g_main(sc: S.Linux, it: _Init, sock) -> None:
         _cgroup_ready(sc, it, sock)
         if proc.terminal:
             stage = "creating the terminal"
+            from . import console  # imported by the launcher before the fork
             master, slave = console.open_pty(proc.console_size)
             if it.spec is not None and os.path.exists("/dev/console"):
                 try:
@@ -335,6 +336,8 @@ def _c_boot(sock_fd: int) -> None:
         if it.fifo_fd is not None:
             os.set_inheritable(it.fifo_fd, False)
         it.seccomp_mod = _load_seccomp(it.seccomp) if it.seccomp else None
+        if it.proc.terminal:
+            from . import console  # noqa: F401 - G needs it after pivot_root
     except BaseException as e:  # noqa: BLE001
         _die_with(sock, e, "starting the container process")
     _c_main(S.default(), it, sock, plan, want_maps, timens)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 
-# ctypes costs ~4 ms to import; the launcher process of a plain ``create`` or ``state`` never
-# makes these calls, so it is loaded when the first Linux() is built.
+# The ctypes package costs ~2 ms to import (it builds dozens of types and imports struct and
+# types); the few foreign calls here need only what its C core, _ctypes, provides: a handful of
+# scalar types, a function-pointer class, Structure, byref. Loaded when the first Linux() is
+# built, since a plain ``state`` or ``kill`` never makes these calls.
 ctypes = None  # type: ignore[assignment]
 
 # mount(2) flags
@@ -82,11 +84,58 @@ _NR = {  # x86_64 and aarch64 numbers for calls glibc 2.36 does not wrap
 }[os.uname().machine]
 
 
+class _MiniCtypes:
+    """The subset of the ctypes API this module uses, built on _ctypes directly."""
+
+    def __init__(self) -> None:
+        import _ctypes as C
+        self._C = C
+
+        def simple(code: str, name: str) -> type:
+            return type(name, (C._SimpleCData,), {"_type_": code})
+
+        self.c_int = simple("i", "c_int")
+        self.c_uint32 = simple("I", "c_uint32")
+        self.c_long = simple("l", "c_long")
+        self.c_ulong = simple("L", "c_ulong")
+        self.c_uint64 = simple("Q", "c_uint64")
+        self.c_char_p = simple("z", "c_char_p")
+        self.Structure = C.Structure
+        self.byref = C.byref
+        self.sizeof = C.sizeof
+        self.get_errno = C.get_errno
+
+        class FuncPtr(C.CFuncPtr):
+            # cdecl, errno saved after each call (what CDLL(..., use_errno=True) sets up)
+            _flags_ = C.FUNCFLAG_CDECL | C.FUNCFLAG_USE_ERRNO
+            _restype_ = self.c_int
+
+        self._FuncPtr = FuncPtr
+
+    def libc(self) -> "_Lib":
+        return _Lib(self._C.dlopen(None, 0), self._FuncPtr)  # the process's own symbols
+
+
+class _Lib:
+    """Symbols of the running program and its libraries (libc), as ctypes.CDLL(None)."""
+
+    def __init__(self, handle: int, funcptr: type) -> None:
+        self._handle = handle
+        self._FuncPtr = funcptr
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        f = self._FuncPtr((name, self))
+        setattr(self, name, f)
+        return f
+
+
 def _load_ctypes() -> None:
     global ctypes, _OpenHow, _CapHeader, _CapData
     if ctypes is not None:
         return
-    import ctypes as c
+    c = _MiniCtypes()
 
     class _OpenHow(c.Structure):  # noqa: N801 - struct open_how
         _fields_ = [("flags", c.c_uint64), ("mode", c.c_uint64), ("resolve", c.c_uint64)]
@@ -115,7 +164,7 @@ class Linux:
 
     def __init__(self) -> None:
         _load_ctypes()
-        self._libc = libc = ctypes.CDLL(None, use_errno=True)
+        self._libc = libc = ctypes.libc()
         self._mount = libc.mount
         self._mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
                                 ctypes.c_ulong, ctypes.c_char_p]
