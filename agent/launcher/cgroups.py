@@ -606,6 +606,14 @@ class Cgroup:
         top = self.layout.unified.mountpoint.rstrip("/")
         return (self._read(f"{top}/cgroup.controllers") or "").split()
 
+    def self_attach_targets(self) -> tuple[list[str], str | None]:
+        """How a process can put itself into this cgroup without the global lock a write to
+        ``cgroup.procs`` takes (and its RCU grace period, cgwarm.py): the v1 ``tasks`` files
+        to write "0" (this thread; the whole process when it is single-threaded) into, and
+        the cgroup2 directory to be created in with clone3(CLONE_INTO_CGROUP)."""
+        tasks = [f"{d}/tasks" for d in self._unique_dirs() if d != self._dirs.get("")]
+        return tasks, self._dirs.get("")
+
     def _unique_dirs(self) -> list[str]:
         seen: list[str] = []
         for d in self._dirs.values():

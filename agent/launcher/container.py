@@ -118,20 +118,39 @@ def _start_c(sc: S.Linux | None, it: _Init, parent, child, plan, want_maps: bool
 
 # --- launcher side ---------------------------------------------------------------------------
 
+class _NoSelfAttach(Exception):
+    """C could not create G in the cgroup (clone3 refused): start over without self-attach."""
+
+
 def _spawn(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]], spec: Spec | None,
            cgroup, console_socket: str | None, state_of, timens: dict | None,
            runtime_hooks: tuple[list[Hook], list[Hook]] = ([], []),
            fast_exec: bool = False, cgroup_setup=None) -> int:
+    try:
+        return _spawn_once(sc, it, plan, spec, cgroup, console_socket, state_of, timens,
+                           runtime_hooks, fast_exec, cgroup_setup, True)
+    except _NoSelfAttach:
+        return _spawn_once(sc, it, plan, spec, cgroup, console_socket, state_of, timens,
+                           runtime_hooks, fast_exec, cgroup_setup, False)
+
+
+def _spawn_once(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]],
+                spec: Spec | None, cgroup, console_socket: str | None, state_of,
+                timens: dict | None, runtime_hooks: tuple[list[Hook], list[Hook]],
+                fast_exec: bool, cgroup_setup, allow_self_attach: bool) -> int:
     """Fork C (and through it G); drive the handshake until G is ready (or has exec'd, when
     there is no fifo). Returns G's pid.
 
-    ``cgroup_setup`` (make the cgroup directories and write the limits) runs here. When C is a
-    plain fork (no interpreter to start) and the container gets a new pid namespace, C and G
-    start first ("early cgroup"): the launcher makes the cgroups and attaches G while G builds
-    the root file system, and G waits for the word before anything that needs them
-    (init._cgroup_ready). Both the directory writes and the attach take the kernel's cgroup
-    locks, whose first use can wait an RCU grace period (cgwarm.py): that wait now overlaps
-    G's mounts instead of preceding them. Otherwise C is attached before it does anything."""
+    ``cgroup_setup`` (make the cgroup directories and write the limits) runs first. Moving a
+    process into a cgroup by writing its pid to ``cgroup.procs`` takes a global kernel lock
+    whose first use waits an RCU grace period (6-20 ms here, see cgwarm.py); two ways in
+    avoid it. So when C is a plain fork (no interpreter to start) and the container gets a new
+    pid namespace ("self-attach"): C creates G directly in the cgroup2 directory
+    (clone3 with CLONE_INTO_CGROUP) and G, still single-threaded, moves itself into each v1
+    hierarchy by writing "0" to its ``tasks`` file; both happen before G does anything else
+    (init._join_cgroups). If clone3 is refused, everything starts over without self-attach.
+    Otherwise (sealed interpreter, exec, user namespaces) the launcher attaches C before C
+    does anything."""
     if it.proc.terminal and not console_socket:
         raise LauncherError("process.terminal is true but no --console-socket was given")
     if it.proc.terminal:
@@ -149,20 +168,29 @@ def _spawn(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]], sp
     userns_new = any(t == "user" and not p for t, p in plan)
     want_maps = userns_new and bool(spec and (spec.linux.uid_mappings or
                                               spec.linux.gid_mappings))
-    it.early_cgroup = it.cgroup_pending = False
-    early = (cgroup is not None and spec is not None and ("pid", None) in plan
-             and _plain_fork(fast_exec, it, plan, seccomp_plan))
-    if early:
-        it.early_cgroup = it.cgroup_pending = True
-    elif cgroup_setup is not None:
+    it.self_attach = it.cgroup_fd = None
+    # Not from inside a user namespace: there the cgroup files' owner is unmapped and the
+    # kernel refuses the move (and a failed first clone in a new pid namespace leaves that
+    # namespace unable to take any process).
+    selfatt = (allow_self_attach and cgroup is not None and spec is not None and ("pid", None) in plan
+               and not any(t == "user" for t, _ in plan)
+               and _plain_fork(fast_exec, it, plan, seccomp_plan))
+    if cgroup_setup is not None:
         cgroup_setup()
-    cpid = _start_c(sc, it, parent, child, plan, want_maps, timens, fast_exec, seccomp_plan)
+    if selfatt:
+        it.self_attach, v2dir = cgroup.self_attach_targets()
+        if v2dir is not None:
+            it.cgroup_fd = os.open(v2dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        cpid = _start_c(sc, it, parent, child, plan, want_maps, timens, fast_exec,
+                        seccomp_plan)
+    finally:
+        if it.cgroup_fd is not None:
+            os.close(it.cgroup_fd)
     child.close()
     gpid = 0
     try:
-        if early:
-            cgroup_setup()
-        elif cgroup is not None:
+        if not selfatt and cgroup is not None:
             cgroup.add_pid(cpid)
             cgwarm.stop()
             sync.send(parent, {"go": 1})
@@ -171,19 +199,14 @@ def _spawn(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]], sp
             _write_id_maps(cpid, spec)  # type: ignore[arg-type]
             sync.send(parent, {"ok": 1})
         msg, _ = sync.recv(parent, "entering namespaces")
+        if "retry" in msg:
+            os.waitpid(cpid, 0)
+            cpid = 0
+            raise _NoSelfAttach(msg["retry"])
         gpid = msg["pid"]
         os.waitpid(cpid, 0)
         if _needs_state(it):
             sync.send(parent, {"state": state_of(gpid, "created")})
-        if early:
-            try:
-                cgroup.add_pid(gpid)
-            except Exception:
-                # G may have failed already (and gone): its report is the better error.
-                sync.recv(parent, "setting up the container")
-                raise
-            cgwarm.stop()
-            sync.send(parent, {"cgroup": 1})
         while True:
             try:
                 msg, fds = sync.recv(parent, "setting up the container")
@@ -286,7 +309,8 @@ class Launcher:
         init may be a plain fork that execs the program through the sealed trampoline instead
         of a sealed interpreter copy (see _start_c); a container that waits for a separate
         ``start``, which other processes could be exec'd into meanwhile, keeps the copy."""
-        cgwarm.start()
+        if not (fast_exec or _exe_protected()):
+            cgwarm.start()  # the sealed-copy path writes cgroup.procs (see _spawn)
         bundle = os.path.abspath(bundle)
         spec = load_spec(os.path.join(bundle, "config.json"))
         _check_spec(spec)

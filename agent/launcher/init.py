@@ -46,7 +46,7 @@ def _reset_signals() -> None:
 def _enter_namespaces(sc: S.Linux, sock, plan: list[tuple[str, str | None]],
                       want_maps: bool, defer_cgroupns: bool = False) -> None:
     """Join (path) or create (None) each namespace in ``plan``; user namespace first.
-    ``defer_cgroupns``: leave a new cgroup namespace to G (_cgroup_ready), which creates it
+    ``defer_cgroupns``: leave a new cgroup namespace to G (_join_cgroups), which creates it
     once it is in its cgroups."""
     joins = {t: os.open(p, os.O_RDONLY | os.O_CLOEXEC) for t, p in plan if p}
     new = {t for t, p in plan if not p}
@@ -91,15 +91,20 @@ class _Init:
         self.start_hooks, self.create_hooks = start_hooks, create_hooks
 
 
-def _cgroup_ready(sc: S.Linux, it: _Init, sock) -> None:
-    """In early-cgroup mode (container.py, _spawn) G starts before its cgroups exist; the
-    launcher attaches it while it builds the root file system and then says so. Called before
-    anything that needs the cgroup: a cgroup mount, hooks, a new cgroup namespace, and at the
-    latest before pivot_root (so before any of the container's own code runs)."""
-    if not getattr(it, "cgroup_pending", False):
+def _join_cgroups(sc: S.Linux, it: _Init) -> None:
+    """Self-attach (container.py, _spawn): G was created in its cgroup2 directory; here it
+    moves itself into each v1 hierarchy ("0" = this thread, G has no other) and then, in its
+    cgroups, creates the cgroup namespace. First thing G does."""
+    if getattr(it, "self_attach", None) is None:
         return
-    sync.recv(sock, "waiting for the cgroup")
-    it.cgroup_pending = False
+    for path in it.self_attach:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        except OSError as e:
+            raise OSError(e.errno, f"joining cgroup {os.path.dirname(path)}: {e.strerror}")
+        finally:
+            os.close(fd)
     if it.cgroupns:
         sc.unshare(S.CLONE_NEWCGROUP)
 
@@ -118,13 +123,10 @@ def _build_rootfs(sc: S.Linux, it: _Init, sock) -> None:
         ctx = rootfs.MountContext(it.rootfs_path, rootfd, it.userns, it.cgroup_paths,
                                   it.cgroupns)
         for m in spec.mounts:
-            if m.type in ("cgroup", "cgroup2"):
-                _cgroup_ready(sc, it, sock)
             rootfs.mount_one(sc, m, ctx)
         rootfs.setup_dev(sc, spec, ctx)
     finally:
         os.close(rootfd)
-    _cgroup_ready(sc, it, sock)
     state_json = ""
     if any(spec.hooks[k] for k in ("prestart", "createRuntime")) or it.create_hooks:
         sync.send(sock, {"hooks": 1})
@@ -157,6 +159,9 @@ def _g_main(sc: S.Linux, it: _Init, sock) -> None:
     """Runs in G. Never returns: execs the container program or exits."""
     stage = "setting up the container"
     try:
+        stage = "joining the cgroup"
+        _join_cgroups(sc, it)
+        stage = "setting up the container"
         if _needs_state(it):
             msg, _ = sync.recv(sock, "waiting for the state")
             it.state_json = msg["state"]  # type: ignore[attr-defined]
@@ -174,7 +179,6 @@ def _g_main(sc: S.Linux, it: _Init, sock) -> None:
         if it.spec is not None:
             stage = "building the root file system"
             _build_rootfs(sc, it, sock)
-        _cgroup_ready(sc, it, sock)
         if proc.terminal:
             stage = "creating the terminal"
             from . import console  # imported by the launcher before the fork
@@ -300,10 +304,10 @@ def _state_for_hooks(it: _Init) -> str:
 
 def _c_main(sc: S.Linux, it: _Init, sock, plan, want_maps: bool, timens: dict | None) -> None:
     try:
-        early = getattr(it, "early_cgroup", False)
-        if not early:
+        selfatt = getattr(it, "self_attach", None) is not None
+        if not selfatt:
             sync.recv(sock, "waiting for the cgroup")
-        _enter_namespaces(sc, sock, plan, want_maps, defer_cgroupns=early)
+        _enter_namespaces(sc, sock, plan, want_maps, defer_cgroupns=selfatt)
         if timens:
             with open("/proc/self/timens_offsets", "w") as f:
                 for clock, off in timens.items():
@@ -311,7 +315,18 @@ def _c_main(sc: S.Linux, it: _Init, sock, plan, want_maps: bool, timens: dict | 
         # G must not talk on the shared socket before C has reported G's pid: the launcher
         # reads that first. A pipe orders them.
         r, w = os.pipe()
-        pid = os.fork()
+        cg_fd = getattr(it, "cgroup_fd", None)
+        if cg_fd is not None:
+            try:
+                pid = sc.clone_into_cgroup(cg_fd)
+            except OSError as e:
+                # E.g. a kernel before 5.7, or a refusal after the kernel took pid 1 of the
+                # new pid namespace, which then takes no process at all: the launcher starts
+                # over with a fresh C that it attaches itself.
+                sync.send(sock, {"retry": f"clone3 into the container's cgroup: {e}"})
+                os._exit(0)
+        else:
+            pid = os.fork()
         if pid == 0:
             os.close(w)
             os.read(r, 1)

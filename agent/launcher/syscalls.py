@@ -75,12 +75,13 @@ RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
 
 CLOSE_RANGE_CLOEXEC = 1 << 2
+CLONE_INTO_CGROUP = 0x200000000
 
 _NR = {  # x86_64 and aarch64 numbers for calls glibc 2.36 does not wrap
     "x86_64": {"pivot_root": 155, "capget": 125, "capset": 126, "openat2": 437,
-               "close_range": 436, "pidfd_open": 434},
+               "close_range": 436, "pidfd_open": 434, "clone3": 435},
     "aarch64": {"pivot_root": 41, "capget": 90, "capset": 91, "openat2": 437,
-                "close_range": 436, "pidfd_open": 434},
+                "close_range": 436, "pidfd_open": 434, "clone3": 435},
 }[os.uname().machine]
 
 
@@ -110,7 +111,16 @@ class _MiniCtypes:
             _flags_ = C.FUNCFLAG_CDECL | C.FUNCFLAG_USE_ERRNO
             _restype_ = self.c_int
 
+        class PyFuncPtr(C.CFuncPtr):
+            # a C-API function: called holding the GIL (what ctypes.pythonapi does)
+            _flags_ = C.FUNCFLAG_CDECL | C.FUNCFLAG_PYTHONAPI
+            _restype_ = None
+
         self._FuncPtr = FuncPtr
+        self._PyFuncPtr = PyFuncPtr
+
+    def pythonapi(self) -> "_Lib":
+        return _Lib(self._C.dlopen(None, 0), self._PyFuncPtr)
 
     def libc(self) -> "_Lib":
         return _Lib(self._C.dlopen(None, 0), self._FuncPtr)  # the process's own symbols
@@ -147,6 +157,12 @@ def _load_ctypes() -> None:
         _fields_ = [("effective", c.c_uint32), ("permitted", c.c_uint32),
                     ("inheritable", c.c_uint32)]
 
+    class _CloneArgs(c.Structure):  # noqa: N801 - struct clone_args (CLONE_ARGS_SIZE_VER2)
+        _fields_ = [(n, c.c_uint64) for n in (
+            "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size",
+            "tls", "set_tid", "set_tid_size", "cgroup")]
+
+    globals()["_CloneArgs"] = _CloneArgs
     ctypes = c
 
 
@@ -251,6 +267,29 @@ class Linux:
     def close_range(self, first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:
         if self._syscall(_NR["close_range"], first, last, flags) != 0:
             raise self._fail(f"close_range({first}, {last}, {flags})")
+
+    def clone_into_cgroup(self, cgroup_fd: int) -> int:
+        """fork(), with the child created directly in the cgroup2 directory ``cgroup_fd``
+        (clone3 with CLONE_INTO_CGROUP, Linux >= 5.7). Unlike a write to cgroup.procs this
+        takes the kernel's cgroup_threadgroup_rwsem only for reading, so it never waits for
+        an RCU grace period. Returns 0 in the child and its pid in the parent.
+
+        Python's own fork bookkeeping is done as os.fork() does it (PyOS_BeforeFork and the
+        AfterFork calls). Only for single-threaded callers: glibc's fork handlers do not run,
+        so any lock another thread held would stay held in the child."""
+        api = ctypes.pythonapi()
+        args = _CloneArgs(CLONE_INTO_CGROUP, 0, 0, 0, 17, 0, 0, 0, 0, 0, cgroup_fd)  # SIGCHLD
+        api.PyOS_BeforeFork()
+        pid = self._syscall(_NR["clone3"], ctypes.byref(args), ctypes.sizeof(args))
+        if pid == 0:
+            api.PyOS_AfterFork_Child()
+            return 0
+        err = ctypes.get_errno()
+        api.PyOS_AfterFork_Parent()
+        if pid < 0:
+            raise OSError(err, f"clone3(CLONE_INTO_CGROUP, cgroup fd {cgroup_fd}): "
+                               f"{os.strerror(err)}")
+        return pid
 
     def mknod(self, path: str, mode: int, device: int) -> None:
         os.mknod(path, mode, device)
