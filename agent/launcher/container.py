@@ -280,9 +280,17 @@ def _check_spec(spec: Spec) -> None:
         raise SpecError("linux.uidMappings: a new user namespace needs uid/gid mappings")
 
 
+_layout: tuple[int, object] | None = None
+
+
 def _open_cgroup(cgroups_path: str | None, cid: str):
+    # The hierarchies and our own place in them do not change while a launcher runs: read
+    # mountinfo and /proc/self/cgroup once per process (run uses them at create and delete).
+    global _layout
     from . import cgroups
-    return cgroups.open_cgroup(cgroups_path, cid)
+    if _layout is None or _layout[0] != os.getpid():
+        _layout = (os.getpid(), cgroups.detect_layout())
+    return cgroups.open_cgroup(cgroups_path, cid, layout=_layout[1])  # type: ignore[arg-type]
 
 
 class Launcher:
@@ -518,10 +526,12 @@ class Launcher:
             cg.destroy(kill=True, timeout=5.0)
         except Exception as e:  # noqa: BLE001 - state must go even if the cgroup lingers
             _warn(f"container {cid!r}: removing its cgroup: {e}")
-        from . import jsonlite
-        sj = jsonlite.dumps(state.oci_state(self.store, cid, rec, "stopped"))
-        self.store.remove(cid)
         hk = parse_hooks(rec.get("hooks") or {})
+        sj = ""
+        if hk["poststop"]:
+            from . import jsonlite
+            sj = jsonlite.dumps(state.oci_state(self.store, cid, rec, "stopped"))
+        self.store.remove(cid)
         for err in hooks.run_hooks("poststop", hk["poststop"], sj, fatal=False):
             _warn(err)
 
