@@ -7,10 +7,16 @@ pivots into it, sets the process attributes and, for ``create``, reports "ready"
 the exec fifo; L records the state and exits. ``start`` writes the fifo, G runs the
 startContainer hooks, installs seccomp (last) and executes the program.
 
-C is a plain fork of L when L's executable cannot be written (sealed memfd, read-only mount);
-otherwise C executes a sealed memfd copy of the interpreter and receives its instructions
-(pickled) over the socket, so nothing inside the container maps a writable host binary
-(CVE-2019-5736, see selfexe.py).
+C is a plain fork of L when L's executable cannot be written (sealed memfd, read-only mount),
+or for ``run`` (and ``create(fast_exec=True)``): then G executes the program through a sealed
+static trampoline (trampoline.py), so the program's /proc/self/exe is never the host's
+interpreter. Otherwise - a container that waits for a separate ``start``, into which other
+processes could be exec'd meanwhile - C executes a sealed memfd copy of the interpreter and
+receives its instructions (pickled) over the socket, so nothing inside the container maps a
+writable host binary (CVE-2019-5736, see selfexe.py).
+
+Cgroups: when C is a plain fork and the pid namespace is new, G joins its cgroups itself, which
+avoids the RCU grace period a cgroup.procs write costs (see _spawn_once); otherwise L moves C.
 
 All messages go over one SOCK_SEQPACKET pair (sync.py); an exception in C or G travels back as
 its text, so ``create`` fails with the real cause (which mount, which field, which errno).
