@@ -34,13 +34,17 @@ copy.
 from __future__ import annotations
 
 import os
-import struct
 
 _BASE = 0x400000  # load address of the single PT_LOAD segment
 _EHDR = 64  # sizeof(Elf64_Ehdr)
 _PHDR = 56  # sizeof(Elf64_Phdr)
 
 _MESSAGE = b"oci-launcher: executing the container process failed: errno "
+
+
+def _le(*fields: tuple[int, int]) -> bytes:
+    """(value, size) pairs as little-endian integers (struct.pack without importing it)."""
+    return b"".join(v.to_bytes(n, "little", signed=v < 0) for v, n in fields)
 
 # (machine code, instruction) pairs; the text column is the Intel-syntax instruction the bytes
 # encode (tests/launcher/test_trampoline.py assembles it with binutils and compares).
@@ -59,7 +63,7 @@ _CODE_HEAD = [
     # lea rsi, [rip + message]: displacement filled in by _build
 ]
 _CODE_TAIL = [
-    (b"\xba" + struct.pack("<I", len(_MESSAGE)), f"mov edx, {hex(len(_MESSAGE))}"),
+    (b"\xba" + _le((len(_MESSAGE), 4)), f"mov edx, {hex(len(_MESSAGE))}"),
     (b"\xb8\x01\x00\x00\x00", "mov eax, 0x1"),                     # SYS_write
     (b"\x0f\x05", "syscall"),
     # errno as three decimal digits and a newline at [rsp-4 .. rsp-1] (the red zone)
@@ -95,7 +99,7 @@ def _code() -> bytes:
     tail = b"".join(c for c, _ in _CODE_TAIL)
     # rip-relative displacement counts from the end of the 7-byte lea to the message
     disp = len(tail)
-    return head + _LEA_RSI_RIP + struct.pack("<i", disp) + tail + _MESSAGE
+    return head + _LEA_RSI_RIP + _le((disp, 4)) + tail + _MESSAGE
 
 
 def build() -> bytes:
@@ -104,9 +108,13 @@ def build() -> bytes:
     size = _EHDR + _PHDR + len(code)
     entry = _BASE + _EHDR + _PHDR
     ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)  # 64-bit, little-endian, v1, SysV
-    ehdr = ident + struct.pack("<HHIQQQIHHHHHH", 2, 0x3E, 1, entry, _EHDR, 0, 0, _EHDR, _PHDR,
-                               1, 0, 0, 0)  # ET_EXEC, EM_X86_64, no section headers
-    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, _BASE, _BASE, size, size, 0x1000)  # PT_LOAD, R+X
+    # e_type ET_EXEC, e_machine EM_X86_64, e_version, e_entry, e_phoff, e_shoff (none),
+    # e_flags, e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
+    ehdr = ident + _le((2, 2), (0x3E, 2), (1, 4), (entry, 8), (_EHDR, 8), (0, 8), (0, 4),
+                       (_EHDR, 2), (_PHDR, 2), (1, 2), (0, 2), (0, 2), (0, 2))
+    # p_type PT_LOAD, p_flags R+X, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
+    phdr = _le((1, 4), (5, 4), (0, 8), (_BASE, 8), (_BASE, 8), (size, 8), (size, 8),
+               (0x1000, 8))
     return ehdr + phdr + code
 
 
