@@ -28,7 +28,7 @@ import time
 
 from . import cgwarm, hooks, process, state, sync
 from . import syscalls as S
-from .init import NS_PROC, _c_main, _die_with, _Init, _load_seccomp, _needs_state
+from .init import NS_FLAGS, NS_PROC, _c_main, _die_with, _Init, _load_seccomp, _needs_state
 from .spec import Hook, Spec, SpecError, load_spec, parse_hooks, parse_process
 
 
@@ -79,6 +79,39 @@ def _plain_fork(fast_exec: bool, it: _Init, plan, seccomp_plan) -> bool:
     return _exe_protected() or (fast_exec and _use_trampoline(it, plan, seccomp_plan))
 
 
+def _prepare_plain(it: _Init) -> None:
+    """What a plain-fork G needs from the launcher: the trampoline (unless our executable is
+    protected anyway) and libseccomp loaded while the host's libraries are still visible."""
+    if not _exe_protected():
+        from . import trampoline
+        it.trampoline_fd = trampoline.sealed_fd()
+    it.seccomp_mod = _load_seccomp(it.seccomp) if it.seccomp else None
+
+
+def _single_threaded() -> bool:
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def _start_g_directly(sc: S.Linux, it: _Init, parent, child, plan) -> int:
+    """Create G as our own child, in its new namespaces and its cgroup2 directory at once
+    (one clone3: no C, no extra fork and exit). Raises OSError if the kernel refuses."""
+    flags = 0
+    for t, _ in plan:
+        if t != "cgroup":  # G creates it once in its v1 cgroups (init._join_cgroups)
+            flags |= NS_FLAGS[t]
+    _prepare_plain(it)
+    pid = sc.clone_into_cgroup(it.cgroup_fd, flags)
+    if pid == 0:
+        parent.close()
+        from .init import _g_main
+        _g_main(sc, it, child)
+        os._exit(1)
+    return pid
+
+
 def _start_c(sc: S.Linux | None, it: _Init, parent, child, plan, want_maps: bool,
              timens: dict | None, fast_exec: bool = False, seccomp_plan=None) -> int:
     """Fork C. If our own executable could be written through /proc/PID/exe (CVE-2019-5736),
@@ -88,12 +121,8 @@ def _start_c(sc: S.Linux | None, it: _Init, parent, child, plan, want_maps: bool
     container between create and start) and when _use_trampoline allows, C stays a fork and
     G execs the program through the sealed trampoline."""
     it.trampoline_fd = None
-    protected = _exe_protected()
     if _plain_fork(fast_exec, it, plan, seccomp_plan):
-        if not protected:
-            from . import trampoline
-            it.trampoline_fd = trampoline.sealed_fd()
-        it.seccomp_mod = _load_seccomp(it.seccomp) if it.seccomp else None
+        _prepare_plain(it)
         pid = os.fork()
         if pid == 0:
             parent.close()
@@ -131,19 +160,20 @@ class _NoSelfAttach(Exception):
 def _spawn(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]], spec: Spec | None,
            cgroup, console_socket: str | None, state_of, timens: dict | None,
            runtime_hooks: tuple[list[Hook], list[Hook]] = ([], []),
-           fast_exec: bool = False, cgroup_setup=None) -> int:
+           fast_exec: bool = False, cgroup_setup=None, child_ok: bool = False) -> int:
     try:
         return _spawn_once(sc, it, plan, spec, cgroup, console_socket, state_of, timens,
-                           runtime_hooks, fast_exec, cgroup_setup, True)
+                           runtime_hooks, fast_exec, cgroup_setup, True, child_ok)
     except _NoSelfAttach:
         return _spawn_once(sc, it, plan, spec, cgroup, console_socket, state_of, timens,
-                           runtime_hooks, fast_exec, cgroup_setup, False)
+                           runtime_hooks, fast_exec, cgroup_setup, False, False)
 
 
 def _spawn_once(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]],
                 spec: Spec | None, cgroup, console_socket: str | None, state_of,
                 timens: dict | None, runtime_hooks: tuple[list[Hook], list[Hook]],
-                fast_exec: bool, cgroup_setup, allow_self_attach: bool) -> int:
+                fast_exec: bool, cgroup_setup, allow_self_attach: bool,
+                child_ok: bool = False) -> int:
     """Fork C (and through it G); drive the handshake until G is ready (or has exec'd, when
     there is no fifo). Returns G's pid.
 
@@ -187,14 +217,29 @@ def _spawn_once(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]
         it.self_attach, v2dir = cgroup.self_attach_targets()
         if v2dir is not None:
             it.cgroup_fd = os.open(v2dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    # ``child_ok`` (run, waiting for the program): G may be our own child, created in one
+    # clone3 with its namespaces, when those are all new and need nothing between their
+    # creation and G's (no user namespace to map, no time offsets to write), and this process
+    # is single-threaded (a raw clone does not run glibc's fork handlers).
+    direct = (child_ok and it.cgroup_fd is not None and timens is None
+              and all(p is None for _, p in plan) and _single_threaded())
+    cpid = gpid = 0
     try:
-        cpid = _start_c(sc, it, parent, child, plan, want_maps, timens, fast_exec,
-                        seccomp_plan)
+        if direct:
+            try:
+                gpid = _start_g_directly(sc or S.default(), it, parent, child, plan)
+            except OSError as e:
+                raise _NoSelfAttach(str(e)) from None
+        else:
+            cpid = _start_c(sc, it, parent, child, plan, want_maps, timens, fast_exec,
+                            seccomp_plan)
+    except BaseException:
+        parent.close()
+        raise
     finally:
         if it.cgroup_fd is not None:
             os.close(it.cgroup_fd)
-    child.close()
-    gpid = 0
+        child.close()
     try:
         if not selfatt and cgroup is not None:
             cgroup.add_pid(cpid)
@@ -204,13 +249,14 @@ def _spawn_once(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]
             sync.recv(parent, "entering the user namespace")
             _write_id_maps(cpid, spec)  # type: ignore[arg-type]
             sync.send(parent, {"ok": 1})
-        msg, _ = sync.recv(parent, "entering namespaces")
-        if "retry" in msg:
+        if not direct:
+            msg, _ = sync.recv(parent, "entering namespaces")
+            if "retry" in msg:
+                os.waitpid(cpid, 0)
+                cpid = 0
+                raise _NoSelfAttach(msg["retry"])
+            gpid = msg["pid"]
             os.waitpid(cpid, 0)
-            cpid = 0
-            raise _NoSelfAttach(msg["retry"])
-        gpid = msg["pid"]
-        os.waitpid(cpid, 0)
         if _needs_state(it):
             sync.send(parent, {"state": state_of(gpid, "created")})
         while True:
@@ -242,7 +288,8 @@ def _spawn_once(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]
                 except ProcessLookupError:
                     pass
         try:
-            os.waitpid(cpid, os.WNOHANG)
+            if cpid:
+                os.waitpid(cpid, os.WNOHANG)
         except ChildProcessError:
             pass
         if gpid:
@@ -316,13 +363,16 @@ class Launcher:
 
     def create(self, cid: str, bundle: str, pid_file: str | None = None,
                console_socket: str | None = None, no_pivot: bool = False, *,
-               fast_exec: bool = False) -> int:
+               fast_exec: bool = False, child_ok: bool = False) -> int:
         """Create the container and leave its process waiting for start(); returns its pid.
 
         ``fast_exec``: the caller starts the container right away (``run``), so the waiting
         init may be a plain fork that execs the program through the sealed trampoline instead
         of a sealed interpreter copy (see _start_c); a container that waits for a separate
-        ``start``, which other processes could be exec'd into meanwhile, keeps the copy."""
+        ``start``, which other processes could be exec'd into meanwhile, keeps the copy.
+
+        ``child_ok``: the caller will reap the container's process (``run`` waits for it), so
+        that process may be this one's child rather than an orphan (see _spawn_once)."""
         if not (fast_exec or _exe_protected()):
             cgwarm.start()  # the sealed-copy path writes cgroup.procs (see _spawn)
         bundle = os.path.abspath(bundle)
@@ -375,7 +425,7 @@ class Launcher:
                 gpid = _spawn(self._sc, it, _namespace_plan(spec), spec, cg, console_socket,
                             state_of, spec.linux.time_offsets,
                             (spec.hooks["prestart"], spec.hooks["createRuntime"]),
-                            fast_exec, cgroup_setup)
+                            fast_exec, cgroup_setup, child_ok)
             finally:
                 os.chdir(prev)
             record["pid"] = gpid
@@ -583,7 +633,8 @@ class Launcher:
         if not detach:
             # G's parent (C) exits at once; as subreaper we inherit G and can wait for it.
             self.sc.prctl(S.PR_SET_CHILD_SUBREAPER, 1)
-        pid = self.create(cid, bundle, pid_file, console_socket, no_pivot, fast_exec=True)
+        pid = self.create(cid, bundle, pid_file, console_socket, no_pivot, fast_exec=True,
+                          child_ok=not detach)
         try:
             self.start(cid)
         except BaseException:

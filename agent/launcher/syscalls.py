@@ -268,17 +268,19 @@ class Linux:
         if self._syscall(_NR["close_range"], first, last, flags) != 0:
             raise self._fail(f"close_range({first}, {last}, {flags})")
 
-    def clone_into_cgroup(self, cgroup_fd: int) -> int:
+    def clone_into_cgroup(self, cgroup_fd: int, ns_flags: int = 0) -> int:
         """fork(), with the child created directly in the cgroup2 directory ``cgroup_fd``
-        (clone3 with CLONE_INTO_CGROUP, Linux >= 5.7). Unlike a write to cgroup.procs this
-        takes the kernel's cgroup_threadgroup_rwsem only for reading, so it never waits for
-        an RCU grace period. Returns 0 in the child and its pid in the parent.
+        (clone3 with CLONE_INTO_CGROUP, Linux >= 5.7) and in new namespaces ``ns_flags``
+        (CLONE_NEW*). Unlike a write to cgroup.procs this takes the kernel's
+        cgroup_threadgroup_rwsem only for reading, so it never waits for an RCU grace period.
+        Returns 0 in the child and its pid in the parent.
 
         Python's own fork bookkeeping is done as os.fork() does it (PyOS_BeforeFork and the
         AfterFork calls). Only for single-threaded callers: glibc's fork handlers do not run,
         so any lock another thread held would stay held in the child."""
         api = ctypes.pythonapi()
-        args = _CloneArgs(CLONE_INTO_CGROUP, 0, 0, 0, 17, 0, 0, 0, 0, 0, cgroup_fd)  # SIGCHLD
+        args = _CloneArgs(CLONE_INTO_CGROUP | ns_flags, 0, 0, 0, 17, 0, 0, 0, 0, 0,
+                          cgroup_fd)  # exit signal SIGCHLD
         api.PyOS_BeforeFork()
         pid = self._syscall(_NR["clone3"], ctypes.byref(args), ctypes.sizeof(args))
         if pid == 0:
@@ -287,8 +289,8 @@ class Linux:
         err = ctypes.get_errno()
         api.PyOS_AfterFork_Parent()
         if pid < 0:
-            raise OSError(err, f"clone3(CLONE_INTO_CGROUP, cgroup fd {cgroup_fd}): "
-                               f"{os.strerror(err)}")
+            raise OSError(err, f"clone3(CLONE_INTO_CGROUP|{ns_flags:#x}, cgroup fd "
+                               f"{cgroup_fd}): {os.strerror(err)}")
         return pid
 
     def mknod(self, path: str, mode: int, device: int) -> None:

@@ -69,10 +69,10 @@ class _Clone3Refused(S.Linux):
     directory fd that is not a cgroup2 one. That also kills the new pid namespace for any
     later fork, which the fallback must survive."""
 
-    def clone_into_cgroup(self, cgroup_fd: int) -> int:
+    def clone_into_cgroup(self, cgroup_fd: int, ns_flags: int = 0) -> int:
         fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
         try:
-            return super().clone_into_cgroup(fd)
+            return super().clone_into_cgroup(fd, ns_flags)
         finally:
             os.close(fd)
 
@@ -97,3 +97,28 @@ def test_refused_clone3_falls_back_to_launcher_attach(make_bundle, tmp_path):
     finally:
         L.delete(cid, force=True)
     assert not os.path.exists(tmp_path / "state" / cid)
+
+
+@needs_root
+@needs_busybox
+def test_run_with_refused_clone3_still_runs_in_its_cgroups(make_bundle, tmp_path):
+    """`run` creates the init as its own child with one clone3 (namespaces and cgroup at
+    once); when the kernel refuses, it starts over through C and a cgroup.procs write."""
+    if cgroups.detect_layout().unified is None:
+        pytest.skip("no cgroup2 hierarchy: clone3 into a cgroup is not used here")
+    b = make_bundle(["sh", "-c", "cat /proc/self/cgroup > /tmp/cg; exit 5"])
+    b.write()
+    cid = f"t-runfb-{os.getpid()}"
+    pid = os.fork()
+    if pid == 0:  # Launcher.run makes its caller a subreaper: not the test process
+        code = 99
+        try:
+            code = Launcher(str(tmp_path / "state"), sc=_Clone3Refused()).run(cid, b.path)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 5
+    with open(os.path.join(b.rootfs, "tmp", "cg")) as f:
+        text = f.read()
+    assert _in_all(text, cid) == [], text
+    assert os.listdir(tmp_path / "state") == []
