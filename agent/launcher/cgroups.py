@@ -685,6 +685,16 @@ class Cgroup:
             self._enable_controllers(top, self._dirs[""], None)
 
     def _mkdirs(self, top: str, d: str) -> None:
+        # The parents (/sandbox-agent) usually exist: try the leaf alone first.
+        try:
+            self.fs.mkdir(d)
+            return
+        except FileExistsError:
+            return
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise CgroupError(f"cannot create cgroup directory {d}: {e.strerror}") from None
         rel = os.path.relpath(d, top)
         cur = top
         for part in rel.split("/"):
