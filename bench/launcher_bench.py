@@ -15,9 +15,10 @@ Our launcher is measured twice:
   * "oci-launcher, ro exe" - the interpreter on a read-only bind mount, as in the guest image:
     the guard accepts it as is. Run in the same kind of private mount namespace wrapper as crun
     (wrapper cost subtracted in its "net" line).
-In both the init joins its cgroups itself (clone3 into the cgroup2 directory, "0" into each v1
-hierarchy's tasks file) instead of the launcher writing cgroup.procs, which on this kernel waits
-an RCU grace period the first time (runc pays it: about 10 ms of its run).
+In both, `run` creates the container's init as its own child with one clone3 (new namespaces,
+created in the cgroup2 directory) and the init joins each v1 hierarchy by writing "0" to its
+tasks file, instead of the launcher writing cgroup.procs, which waits an RCU grace period the
+first time (6-20 ms on this kernel; runc pays it).
 
 And once more the way the guest's init uses it: a warm Python process (modules imported,
 interpreter on a read-only mount) that forks and calls ``Launcher.run`` in the child, timed
