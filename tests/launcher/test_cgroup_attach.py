@@ -122,3 +122,31 @@ def test_run_with_refused_clone3_still_runs_in_its_cgroups(make_bundle, tmp_path
         text = f.read()
     assert _in_all(text, cid) == [], text
     assert os.listdir(tmp_path / "state") == []
+
+
+@needs_root
+def test_cgwarm_thread_moves_us_in_place_and_stops():
+    """The warm-up thread (exec and the sealed create path) writes our pid into the cgroup we
+    are already in, keeps doing so until stopped, and leaves our membership unchanged."""
+    import time
+
+    from agent.launcher import cgwarm
+    path = cgwarm._own_procs_file()
+    if path is None:
+        pytest.skip("no writable cgroup.procs of our own")
+    before = open("/proc/self/cgroup").read()
+    n = len(os.listdir("/proc/self/task"))
+    cgwarm.start()
+    cgwarm.start()  # once per process
+    try:
+        assert len(os.listdir("/proc/self/task")) == n + 1
+        time.sleep(0.05)
+        with open(path) as f:
+            assert str(os.getpid()) in f.read().split()
+    finally:
+        cgwarm.stop()
+    end = time.monotonic() + 2
+    while len(os.listdir("/proc/self/task")) > n and time.monotonic() < end:
+        time.sleep(0.01)
+    assert len(os.listdir("/proc/self/task")) == n
+    assert open("/proc/self/cgroup").read() == before
