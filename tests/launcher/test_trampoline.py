@@ -213,3 +213,16 @@ def test_run_falls_back_when_seccomp_denies_execveat(runtime, make_bundle):
     p = runtime.run(b)
     assert p.stdout == "started\n", p.stderr
     assert time.monotonic() - t < 20
+
+
+@needs_root
+@needs_busybox
+@x86_64
+def test_run_without_proc_in_the_container(runtime, make_bundle):
+    """The trampoline is executed by fd (execveat with AT_EMPTY_PATH): no /proc needed."""
+    b = make_bundle(["sh", "-c", "test -e /proc/self || echo no-proc"])
+    b.config["mounts"] = [m for m in b.config["mounts"] if m["destination"] != "/proc"]
+    b.config["linux"]["maskedPaths"] = []
+    b.config["linux"]["readonlyPaths"] = []
+    p = runtime.run(b)
+    assert p.stdout == "no-proc\n", p.stderr
