@@ -174,19 +174,20 @@ def _spawn_once(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]
                 timens: dict | None, runtime_hooks: tuple[list[Hook], list[Hook]],
                 fast_exec: bool, cgroup_setup, allow_self_attach: bool,
                 child_ok: bool = False) -> int:
-    """Fork C (and through it G); drive the handshake until G is ready (or has exec'd, when
-    there is no fifo). Returns G's pid.
+    """Start G (through C, or directly); drive the handshake until G is ready (or has
+    exec'd, when there is no fifo). Returns G's pid.
 
     ``cgroup_setup`` (make the cgroup directories and write the limits) runs first. Moving a
     process into a cgroup by writing its pid to ``cgroup.procs`` takes a global kernel lock
-    whose first use waits an RCU grace period (6-20 ms here, see cgwarm.py); two ways in
-    avoid it. So when C is a plain fork (no interpreter to start) and the container gets a new
-    pid namespace ("self-attach"): C creates G directly in the cgroup2 directory
-    (clone3 with CLONE_INTO_CGROUP) and G, still single-threaded, moves itself into each v1
-    hierarchy by writing "0" to its ``tasks`` file; both happen before G does anything else
-    (init._join_cgroups). If clone3 is refused, everything starts over without self-attach.
-    Otherwise (sealed interpreter, exec, user namespaces) the launcher attaches C before C
-    does anything."""
+    whose first use waits an RCU grace period (6-20 ms here, see cgwarm.py). Two ways in do
+    not take it, so when G can be a plain fork (no interpreter to start), the container gets
+    a new pid namespace and no user namespace ("self-attach"): G is created in the cgroup2
+    directory by clone3 with CLONE_INTO_CGROUP - by C, or for ``run`` (``child_ok``) by the
+    launcher itself, together with all of G's namespaces, so that there is no C at all - and
+    G, still single-threaded, moves itself into each v1 hierarchy by writing "0" to its
+    ``tasks`` file; both happen before G does anything else (init._join_cgroups). If clone3 is
+    refused, everything starts over without self-attach. Otherwise (sealed interpreter, exec,
+    user namespaces) the launcher attaches C before C does anything."""
     if it.proc.terminal and not console_socket:
         raise LauncherError("process.terminal is true but no --console-socket was given")
     if it.proc.terminal:
@@ -208,8 +209,8 @@ def _spawn_once(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]
     # Not from inside a user namespace: there the cgroup files' owner is unmapped and the
     # kernel refuses the move (and a failed first clone in a new pid namespace leaves that
     # namespace unable to take any process).
-    selfatt = (allow_self_attach and cgroup is not None and spec is not None and ("pid", None) in plan
-               and not any(t == "user" for t, _ in plan)
+    selfatt = (allow_self_attach and cgroup is not None and spec is not None
+               and ("pid", None) in plan and not any(t == "user" for t, _ in plan)
                and _plain_fork(fast_exec, it, plan, seccomp_plan))
     if cgroup_setup is not None:
         cgroup_setup()
