@@ -673,6 +673,18 @@ class Cgroup:
 
     # -- lifecycle -----------------------------------------------------------------------
 
+    def create_unified(self) -> None:
+        """Make only the cgroup2 directory (with its controllers enabled on pure v2), so that
+        a process can be created in it (clone3 CLONE_INTO_CGROUP) before :meth:`create` makes
+        the rest. Controllers are enabled while the subtree is still empty: then the kernel
+        need not take its global migration lock (which would wait an RCU grace period)."""
+        if "" not in self._dirs:
+            return
+        top = self.layout.unified.mountpoint.rstrip("/")
+        self._mkdirs(top, self._dirs[""])
+        if self.layout.mode == "unified":
+            self._enable_controllers(top, self._dirs[""], None)
+
     def create(self) -> None:
         """Make the directories (and parents) in every hierarchy; idempotent."""
         for ctl, d in self._dirs.items():

@@ -185,7 +185,9 @@ def _spawn_once(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]
     directory by clone3 with CLONE_INTO_CGROUP - by C, or for ``run`` (``child_ok``) by the
     launcher itself, together with all of G's namespaces, so that there is no C at all - and
     G, still single-threaded, moves itself into each v1 hierarchy by writing "0" to its
-    ``tasks`` file; both happen before G does anything else (init._join_cgroups). If clone3 is
+    ``tasks`` file (init._join_cgroups): before it does anything else, or, in the direct case,
+    once the launcher has made the v1 directories and written the limits, which it does while G
+    mounts, and before G needs the cgroup (init._cgroup_ready). If clone3 is
     refused, everything starts over without self-attach. Otherwise (sealed interpreter, exec,
     user namespaces) the launcher attaches C before C does anything."""
     if it.proc.terminal and not console_socket:
@@ -206,24 +208,31 @@ def _spawn_once(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]
     want_maps = userns_new and bool(spec and (spec.linux.uid_mappings or
                                               spec.linux.gid_mappings))
     it.self_attach = it.cgroup_fd = None
+    it.cgroup_pending = False
     # Not from inside a user namespace: there the cgroup files' owner is unmapped and the
     # kernel refuses the move (and a failed first clone in a new pid namespace leaves that
     # namespace unable to take any process).
     selfatt = (allow_self_attach and cgroup is not None and spec is not None
                and ("pid", None) in plan and not any(t == "user" for t, _ in plan)
                and _plain_fork(fast_exec, it, plan, seccomp_plan))
-    if cgroup_setup is not None:
-        cgroup_setup()
+    v2dir = None
     if selfatt:
         it.self_attach, v2dir = cgroup.self_attach_targets()
-        if v2dir is not None:
-            it.cgroup_fd = os.open(v2dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     # ``child_ok`` (run, waiting for the program): G may be our own child, created in one
     # clone3 with its namespaces, when those are all new and need nothing between their
     # creation and G's (no user namespace to map, no time offsets to write), and this process
-    # is single-threaded (a raw clone does not run glibc's fork handlers).
-    direct = (child_ok and it.cgroup_fd is not None and timens is None
+    # is single-threaded (a raw clone does not run glibc's fork handlers). Then G starts as
+    # soon as its cgroup2 directory exists and builds its root file system while we make the
+    # rest of the cgroup; it waits for the word before it needs it (init._cgroup_ready).
+    direct = (child_ok and v2dir is not None and cgroup_setup is not None and timens is None
               and all(p is None for _, p in plan) and _single_threaded())
+    if direct:
+        cgroup.create_unified()
+        it.cgroup_pending = True
+    elif cgroup_setup is not None:
+        cgroup_setup()
+    if v2dir is not None:
+        it.cgroup_fd = os.open(v2dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     cpid = gpid = 0
     try:
         if direct:
@@ -260,6 +269,14 @@ def _spawn_once(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]
             os.waitpid(cpid, 0)
         if _needs_state(it):
             sync.send(parent, {"state": state_of(gpid, "created")})
+        if it.cgroup_pending:
+            try:
+                cgroup_setup()
+            except Exception:
+                # G may have failed already: its report is the better error.
+                sync.recv(parent, "setting up the container")
+                raise
+            sync.send(parent, {"cgroup": 1})
         while True:
             try:
                 msg, fds = sync.recv(parent, "setting up the container")

@@ -92,10 +92,11 @@ class _Init:
 
 
 def _join_cgroups(sc: S.Linux, it: _Init) -> None:
-    """Self-attach (container.py, _spawn): G was created in its cgroup2 directory; here it
-    moves itself into each v1 hierarchy ("0" = this thread, G has no other) and then, in its
-    cgroups, creates the cgroup namespace. First thing G does."""
-    if getattr(it, "self_attach", None) is None:
+    """Self-attach (container.py, _spawn_once): G was created in its cgroup2 directory; here
+    it moves itself into each v1 hierarchy ("0" = this thread, G has no other) and then, in
+    its cgroups, creates the cgroup namespace. First thing G does, unless the v1 directories
+    are still being made (then _cgroup_ready calls it)."""
+    if getattr(it, "self_attach", None) is None or getattr(it, "cgroup_pending", False):
         return
     for path in it.self_attach:
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
@@ -107,6 +108,18 @@ def _join_cgroups(sc: S.Linux, it: _Init) -> None:
             os.close(fd)
     if it.cgroupns:
         sc.unshare(S.CLONE_NEWCGROUP)
+
+
+def _cgroup_ready(sc: S.Linux, it: _Init, sock) -> None:
+    """When G was started before its v1 cgroups existed (container.py, _spawn_once: the
+    launcher makes them while G mounts), wait for the launcher's word, then join them. Called
+    before anything that needs the cgroup or counts against it: a cgroup mount, device nodes,
+    hooks, pivot_root (so before any of the container's own code)."""
+    if not getattr(it, "cgroup_pending", False):
+        return
+    sync.recv(sock, "waiting for the cgroup")
+    it.cgroup_pending = False
+    _join_cgroups(sc, it)
 
 
 def _build_rootfs(sc: S.Linux, it: _Init, sock) -> None:
@@ -123,7 +136,10 @@ def _build_rootfs(sc: S.Linux, it: _Init, sock) -> None:
         ctx = rootfs.MountContext(it.rootfs_path, rootfd, it.userns, it.cgroup_paths,
                                   it.cgroupns)
         for m in spec.mounts:
+            if m.type in ("cgroup", "cgroup2"):
+                _cgroup_ready(sc, it, sock)
             rootfs.mount_one(sc, m, ctx)
+        _cgroup_ready(sc, it, sock)
         rootfs.setup_dev(sc, spec, ctx)
     finally:
         os.close(rootfd)
@@ -179,6 +195,7 @@ def _g_main(sc: S.Linux, it: _Init, sock) -> None:
         if it.spec is not None:
             stage = "building the root file system"
             _build_rootfs(sc, it, sock)
+        _cgroup_ready(sc, it, sock)
         if proc.terminal:
             stage = "creating the terminal"
             from . import console  # imported by the launcher before the fork
