@@ -26,9 +26,10 @@ from __future__ import annotations
 import os
 import time
 
-from . import cgwarm, hooks, process, state, sync
+from . import cgwarm, process, state, sync
 from . import syscalls as S
-from .init import NS_FLAGS, NS_PROC, _c_main, _die_with, _Init, _load_seccomp, _needs_state
+from .init import (NS_FLAGS, NS_PROC, _c_main, _die_with, _Init, _load_seccomp, _needs_state,
+                   preimport_for)
 from .spec import Hook, Spec, SpecError, load_spec, parse_hooks, parse_process
 
 
@@ -193,9 +194,10 @@ def _spawn_once(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]
     if it.proc.terminal and not console_socket:
         raise LauncherError("process.terminal is true but no --console-socket was given")
     if it.proc.terminal:
-        # termios & co. only when there is a terminal; imported here, before G forks: G cannot
-        # import anything after pivot_root (it takes it from sys.modules).
         from . import console
+    # termios & co. only with a terminal, the hook runner only with hooks: imported here,
+    # before G forks, since G cannot import anything after pivot_root.
+    preimport_for(it)
     it.seccomp_mod = None
     seccomp_plan = None
     if it.seccomp:
@@ -287,6 +289,7 @@ def _spawn_once(sc: S.Linux | None, it: _Init, plan: list[tuple[str, str | None]
             if "hooks" in msg:
                 # runtime-tools (and runc) report "created" to these hooks
                 sj = state_of(gpid, "created")
+                from . import hooks
                 hooks.run_hooks("prestart", runtime_hooks[0], sj)
                 hooks.run_hooks("createRuntime", runtime_hooks[1], sj)
                 sync.send(parent, {"state": sj})
@@ -410,7 +413,10 @@ class Launcher:
             os.mkfifo(fifo, 0o622)
             # The reader end stays open in G; start() opens the write end. A writer that finds
             # no reader gets ENXIO, which is how start() tells "G died" from "G waits".
-            fifo_fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            # Read-write, so that G's read blocks until start writes (a FIFO without a writer
+            # reads as end-of-file); start still gets ENXIO once G has died, as nobody else
+            # holds it open after create returns.
+            fifo_fd = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
             cg = _open_cgroup(spec.linux.cgroups_path, cid)
 
             def cgroup_setup() -> None:
@@ -494,6 +500,7 @@ class Launcher:
         if hk["poststart"]:
             from . import jsonlite
             sj = jsonlite.dumps(state.oci_state(self.store, cid, rec, "running"))
+            from . import hooks
             for err in hooks.run_hooks("poststart", hk["poststart"], sj, fatal=False):
                 _warn(err)
 
@@ -606,8 +613,10 @@ class Launcher:
             from . import jsonlite
             sj = jsonlite.dumps(state.oci_state(self.store, cid, rec, "stopped"))
         self.store.remove(cid)
-        for err in hooks.run_hooks("poststop", hk["poststop"], sj, fatal=False):
-            _warn(err)
+        if hk["poststop"]:
+            from . import hooks
+            for err in hooks.run_hooks("poststop", hk["poststop"], sj, fatal=False):
+                _warn(err)
 
     # -- exec ----------------------------------------------------------------------------------
 

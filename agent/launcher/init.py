@@ -7,9 +7,8 @@ socket; see container.py for the launcher side and the overall process model.
 from __future__ import annotations
 
 import os
-import select
 
-from . import capabilities, hooks, process, rootfs, state, sync
+from . import capabilities, process, rootfs, state, sync
 from . import syscalls as S
 from .spec import Hook, Process, Spec
 
@@ -149,6 +148,7 @@ def _build_rootfs(sc: S.Linux, it: _Init, sock) -> None:
         msg, _ = sync.recv(sock, "runtime hooks")
         state_json = msg["state"]
         # createContainer hooks: in the container's namespaces, before pivot_root.
+        from . import hooks  # imported by the launcher before the fork (preimport_for)
         hooks.run_hooks("createContainer", it.create_hooks, state_json)
     if own_mountns:
         rootfs.pivot(sc, it.rootfs_path, it.no_pivot)
@@ -248,14 +248,15 @@ def _g_main(sc: S.Linux, it: _Init, sock) -> None:
             sock.close()
             sock = None
             stage = "waiting for start"
-            p = select.poll()
-            p.register(it.fifo_fd, select.POLLIN)
-            while True:
-                if p.poll(-1) and os.read(it.fifo_fd, 1):
-                    break
+            # The fifo is open for reading and writing (container.py, create), so this read
+            # blocks until start writes its byte instead of seeing end-of-file.
+            os.set_blocking(it.fifo_fd, True)
+            while not os.read(it.fifo_fd, 1):
+                pass
             os.close(it.fifo_fd)
             if it.start_hooks:
                 stage = "startContainer hooks"
+                from . import hooks
                 hooks.run_hooks("startContainer", it.start_hooks, _state_for_hooks(it))
         if not proc.args:
             os._exit(1)  # no process in the config: start refuses, nothing to run
@@ -289,6 +290,15 @@ def _g_main(sc: S.Linux, it: _Init, sock) -> None:
             _die_with(sock, e, stage)
         os.write(2, f"oci-launcher: {stage}: {e}\n".encode())
         os._exit(127)
+
+
+def preimport_for(it: _Init) -> None:
+    """Import what G will need after pivot_root, when it can no longer find modules: the
+    console code with a terminal, the hook runner with container-side hooks."""
+    if it.proc.terminal:
+        from . import console  # noqa: F401
+    if it.start_hooks or it.create_hooks:
+        from . import hooks  # noqa: F401
 
 
 def _needs_state(it: _Init) -> bool:
@@ -368,8 +378,7 @@ def _c_boot(sock_fd: int) -> None:
         if it.fifo_fd is not None:
             os.set_inheritable(it.fifo_fd, False)
         it.seccomp_mod = _load_seccomp(it.seccomp) if it.seccomp else None
-        if it.proc.terminal:
-            from . import console  # noqa: F401 - G needs it after pivot_root
+        preimport_for(it)
     except BaseException as e:  # noqa: BLE001
         _die_with(sock, e, "starting the container process")
     _c_main(S.default(), it, sock, plan, want_maps, timens)
