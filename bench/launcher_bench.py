@@ -9,11 +9,16 @@ crun refuses this host's hybrid cgroup layout, so it runs as
 of that wrapper alone is measured too and subtracted in the "crun (net)" line.
 
 Our launcher is measured twice:
-  * "oci-launcher"  - `python -I -S -m`-style entry, interpreter on the ordinary (writable) root
-    file system, so it re-executes itself from a sealed memfd (CVE-2019-5736 guard);
+  * "oci-launcher"  - `python -I -S -c ENTRY`, the way init starts it, interpreter on the
+    ordinary (writable) root file system: the container's init is a plain fork that reaches the
+    program through the sealed exec trampoline (CVE-2019-5736 guard, launcher/trampoline.py);
   * "oci-launcher, ro exe" - the interpreter on a read-only bind mount, as in the guest image:
-    the guard accepts it and there is no second interpreter start. Run in the same kind of
-    private mount namespace wrapper as crun (wrapper cost subtracted in its "net" line).
+    the guard accepts it as is. Run in the same kind of private mount namespace wrapper as crun
+    (wrapper cost subtracted in its "net" line).
+In both, `run` creates the container's init as its own child with one clone3 (new namespaces,
+created in the cgroup2 directory) and the init joins each v1 hierarchy by writing "0" to its
+tasks file, instead of the launcher writing cgroup.procs, which waits an RCU grace period the
+first time (6-20 ms on this kernel; runc pays it).
 
 And once more the way the guest's init uses it: a warm Python process (modules imported,
 interpreter on a read-only mount) that forks and calls ``Launcher.run`` in the child, timed

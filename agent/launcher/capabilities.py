@@ -25,13 +25,19 @@ CAP_SETPCAP = 8
 CAP_SYS_ADMIN = 21
 
 
+_last_cap: int | None = None
+
+
 def last_cap() -> int:
-    """Highest capability number the running kernel knows."""
-    try:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
-            return int(f.read())
-    except OSError:
-        return len(NAMES) - 1
+    """Highest capability number the running kernel knows (read once per process)."""
+    global _last_cap
+    if _last_cap is None:
+        try:
+            with open("/proc/sys/kernel/cap_last_cap") as f:
+                _last_cap = int(f.read())
+        except OSError:
+            _last_cap = len(NAMES) - 1
+    return _last_cap
 
 
 def mask(names: list[str] | None, where: str = "capabilities") -> int:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import errno
 import os
-import signal as _signal
+import _signal  # not `signal`: it imports enum (~5 ms of launcher start-up)
 import time
 
 __all__ = [
@@ -606,6 +606,14 @@ class Cgroup:
         top = self.layout.unified.mountpoint.rstrip("/")
         return (self._read(f"{top}/cgroup.controllers") or "").split()
 
+    def self_attach_targets(self) -> tuple[list[str], str | None]:
+        """How a process can put itself into this cgroup without the global lock a write to
+        ``cgroup.procs`` takes (and its RCU grace period, cgwarm.py): the v1 ``tasks`` files
+        to write "0" (this thread; the whole process when it is single-threaded) into, and
+        the cgroup2 directory to be created in with clone3(CLONE_INTO_CGROUP)."""
+        tasks = [f"{d}/tasks" for d in self._unique_dirs() if d != self._dirs.get("")]
+        return tasks, self._dirs.get("")
+
     def _unique_dirs(self) -> list[str]:
         seen: list[str] = []
         for d in self._dirs.values():
@@ -665,6 +673,18 @@ class Cgroup:
 
     # -- lifecycle -----------------------------------------------------------------------
 
+    def create_unified(self) -> None:
+        """Make only the cgroup2 directory (with its controllers enabled on pure v2), so that
+        a process can be created in it (clone3 CLONE_INTO_CGROUP) before :meth:`create` makes
+        the rest. Controllers are enabled while the subtree is still empty: then the kernel
+        need not take its global migration lock (which would wait an RCU grace period)."""
+        if "" not in self._dirs:
+            return
+        top = self.layout.unified.mountpoint.rstrip("/")
+        self._mkdirs(top, self._dirs[""])
+        if self.layout.mode == "unified":
+            self._enable_controllers(top, self._dirs[""], None)
+
     def create(self) -> None:
         """Make the directories (and parents) in every hierarchy; idempotent."""
         for ctl, d in self._dirs.items():
@@ -677,6 +697,16 @@ class Cgroup:
             self._enable_controllers(top, self._dirs[""], None)
 
     def _mkdirs(self, top: str, d: str) -> None:
+        # The parents (/sandbox-agent) usually exist: try the leaf alone first.
+        try:
+            self.fs.mkdir(d)
+            return
+        except FileExistsError:
+            return
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise CgroupError(f"cannot create cgroup directory {d}: {e.strerror}") from None
         rel = os.path.relpath(d, top)
         cur = top
         for part in rel.split("/"):
@@ -1188,7 +1218,20 @@ class Cgroup:
                     delay = min(delay * 2, 0.05)
 
     def _rmtree(self, d: str) -> None:
-        for sub in self.fs.subdirs(d):
+        # rmdir first: a container's cgroup rarely has children, and listing a v1 directory
+        # (dozens of control files) for each hierarchy costs more than the rmdir itself.
+        try:
+            self.fs.rmdir(d)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+                raise
+            subs = self.fs.subdirs(d)
+            if not subs:
+                raise  # processes still inside: the caller waits and retries
+        for sub in subs:
             self._rmtree(sub)
         try:
             self.fs.rmdir(d)

@@ -27,8 +27,85 @@ commands:
   run [--bundle DIR] [--pid-file F] [--console-socket S] [--no-pivot] [--detach] [--keep] ID
   exec [--process F | [--tty] [--cwd D] [--env K=V] [--user U[:G]] [--cap C] [--no-new-privs]
         -- ARGS] [--detach] [--pid-file F] [--console-socket S] ID [ARGS]
-  list | ps ID | events --stats ID
+  pause ID | resume ID | list | ps ID | events --stats ID
+  update [-r|--resources FILE|-] [--memory N] [--memory-swap N] [--memory-reservation N]
+         [--cpu-shares N] [--cpu-quota N] [--cpu-period N] [--cpuset-cpus L]
+         [--cpuset-mems L] [--pids-limit N] [--blkio-weight N] ID
 """
+
+# runc update's flags: option -> (LinuxResources section, field, value kind)
+_UPDATE_FLAGS = {
+    "--memory": ("memory", "limit", "bytes"),
+    "--memory-swap": ("memory", "swap", "bytes"),
+    "--memory-reservation": ("memory", "reservation", "bytes"),
+    "--kernel-memory": ("memory", "kernel", "bytes"),
+    "--kernel-memory-tcp": ("memory", "kernelTCP", "bytes"),
+    "--cpu-shares": ("cpu", "shares", "int"),
+    "--cpu-share": ("cpu", "shares", "int"),
+    "--cpu-quota": ("cpu", "quota", "int"),
+    "--cpu-period": ("cpu", "period", "int"),
+    "--cpu-rt-period": ("cpu", "realtimePeriod", "int"),
+    "--cpu-rt-runtime": ("cpu", "realtimeRuntime", "int"),
+    "--cpuset-cpus": ("cpu", "cpus", "str"),
+    "--cpuset-mems": ("cpu", "mems", "str"),
+    "--pids-limit": ("pids", "limit", "int"),
+    "--blkio-weight": ("blockIO", "weight", "int"),
+}
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(opt: str, v: str) -> int:
+    """A size as runc's flags take it: a number of bytes, -1 (unlimited), or with a k/m/g/t
+    suffix (powers of 1024, optional trailing "b")."""
+    t = v.strip().lower()
+    if t == "-1":
+        return -1
+    if t.endswith("b") and len(t) > 1 and not t[-2].isdigit():
+        t = t[:-1]
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in _UNITS and not t[-1].isdigit() else (t, "")
+    try:
+        n = float(num)
+    except ValueError:
+        raise UsageError(f"{opt}: {v!r} is not a size (bytes, or with a k/m/g/t suffix)") from None
+    if n < 0:
+        raise UsageError(f"{opt}: {v!r} is negative (only -1, unlimited, is allowed)")
+    return int(n * _UNITS[unit])
+
+
+def update_resources(a: "Args") -> dict:
+    """The LinuxResources object of an ``update`` command: the --resources file (or stdin for
+    "-") if given, with the individual flags written over it."""
+    res: dict = {}
+    src = a.opts.get("resources")
+    if src is not None:
+        if src == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(src, "rb") as f:  # type: ignore[arg-type]
+                data = f.read()
+        try:
+            res = jsonlite.loads(data)  # type: ignore[assignment]
+        except ValueError as e:
+            raise ValueError(f"--resources {src}: not valid JSON ({e})") from None
+        if not isinstance(res, dict):
+            raise ValueError(f"--resources {src}: expected a JSON object "
+                             "(LinuxResources)")
+    for opt, (section, field, kind) in _UPDATE_FLAGS.items():
+        v = a.opts.get(opt)
+        if v is None:
+            continue
+        if kind == "bytes":
+            val: object = parse_bytes(opt, str(v))
+        elif kind == "int":
+            try:
+                val = int(str(v))
+            except ValueError:
+                raise UsageError(f"{opt}: {v!r} is not an integer") from None
+        else:
+            val = str(v)
+        res.setdefault(section, {})[field] = val
+    return res
+
 
 
 class UsageError(Exception):
@@ -243,6 +320,17 @@ def _dispatch(L, cmd: str, rest: list[str]) -> int:
         detach = bool(a.opts.get("detach"))
         code = L.exec(cid, proc, a.opts.get("pid_file"), a.opts.get("console_socket"), detach)
         return 0 if detach else code
+    if cmd in ("pause", "resume"):
+        cid = _one_id(parse(rest, {}, {}), cmd)
+        L.pause(cid) if cmd == "pause" else L.resume(cid)
+        return 0
+    if cmd == "update":
+        vals = {"--resources": "resources", "-r": "resources"}
+        vals.update({k: k for k in _UPDATE_FLAGS})
+        a = parse(rest, vals, {})
+        cid = _one_id(a, cmd)
+        L.update(cid, update_resources(a))
+        return 0
     if cmd == "list":
         a = parse(rest, {"--format": "format", "-f": "format"}, {"--quiet": "q", "-q": "q"})
         states = L.list()

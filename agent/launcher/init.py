@@ -7,9 +7,8 @@ socket; see container.py for the launcher side and the overall process model.
 from __future__ import annotations
 
 import os
-import select
 
-from . import capabilities, console, hooks, process, rootfs, state, sync
+from . import capabilities, process, rootfs, state, sync
 from . import syscalls as S
 from .spec import Hook, Process, Spec
 
@@ -44,10 +43,14 @@ def _reset_signals() -> None:
 # --- the namespace stage (process C) ---------------------------------------------------------
 
 def _enter_namespaces(sc: S.Linux, sock, plan: list[tuple[str, str | None]],
-                      want_maps: bool) -> None:
-    """Join (path) or create (None) each namespace in ``plan``; user namespace first."""
+                      want_maps: bool, defer_cgroupns: bool = False) -> None:
+    """Join (path) or create (None) each namespace in ``plan``; user namespace first.
+    ``defer_cgroupns``: leave a new cgroup namespace to G (_join_cgroups), which creates it
+    once it is in its cgroups."""
     joins = {t: os.open(p, os.O_RDONLY | os.O_CLOEXEC) for t, p in plan if p}
     new = {t for t, p in plan if not p}
+    if defer_cgroupns:
+        new.discard("cgroup")
     if "user" in joins:
         sc.setns(joins.pop("user"), S.CLONE_NEWUSER)
     elif "user" in new:
@@ -87,6 +90,37 @@ class _Init:
         self.start_hooks, self.create_hooks = start_hooks, create_hooks
 
 
+def _join_cgroups(sc: S.Linux, it: _Init) -> None:
+    """Self-attach (container.py, _spawn_once): G was created in its cgroup2 directory; here
+    it moves itself into each v1 hierarchy ("0" = this thread, G has no other) and then, in
+    its cgroups, creates the cgroup namespace. First thing G does, unless the v1 directories
+    are still being made (then _cgroup_ready calls it)."""
+    if getattr(it, "self_attach", None) is None or getattr(it, "cgroup_pending", False):
+        return
+    for path in it.self_attach:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        except OSError as e:
+            raise OSError(e.errno, f"joining cgroup {os.path.dirname(path)}: {e.strerror}")
+        finally:
+            os.close(fd)
+    if it.cgroupns:
+        sc.unshare(S.CLONE_NEWCGROUP)
+
+
+def _cgroup_ready(sc: S.Linux, it: _Init, sock) -> None:
+    """When G was started before its v1 cgroups existed (container.py, _spawn_once: the
+    launcher makes them while G mounts), wait for the launcher's word, then join them. Called
+    before anything that needs the cgroup or counts against it: a cgroup mount, device nodes,
+    hooks, pivot_root (so before any of the container's own code)."""
+    if not getattr(it, "cgroup_pending", False):
+        return
+    sync.recv(sock, "waiting for the cgroup")
+    it.cgroup_pending = False
+    _join_cgroups(sc, it)
+
+
 def _build_rootfs(sc: S.Linux, it: _Init, sock) -> None:
     spec = it.spec
     assert spec is not None and it.rootfs_path is not None
@@ -101,7 +135,10 @@ def _build_rootfs(sc: S.Linux, it: _Init, sock) -> None:
         ctx = rootfs.MountContext(it.rootfs_path, rootfd, it.userns, it.cgroup_paths,
                                   it.cgroupns)
         for m in spec.mounts:
+            if m.type in ("cgroup", "cgroup2"):
+                _cgroup_ready(sc, it, sock)
             rootfs.mount_one(sc, m, ctx)
+        _cgroup_ready(sc, it, sock)
         rootfs.setup_dev(sc, spec, ctx)
     finally:
         os.close(rootfd)
@@ -111,6 +148,7 @@ def _build_rootfs(sc: S.Linux, it: _Init, sock) -> None:
         msg, _ = sync.recv(sock, "runtime hooks")
         state_json = msg["state"]
         # createContainer hooks: in the container's namespaces, before pivot_root.
+        from . import hooks  # imported by the launcher before the fork (preimport_for)
         hooks.run_hooks("createContainer", it.create_hooks, state_json)
     if own_mountns:
         rootfs.pivot(sc, it.rootfs_path, it.no_pivot)
@@ -137,6 +175,9 @@ def _g_main(sc: S.Linux, it: _Init, sock) -> None:
     """Runs in G. Never returns: execs the container program or exits."""
     stage = "setting up the container"
     try:
+        stage = "joining the cgroup"
+        _join_cgroups(sc, it)
+        stage = "setting up the container"
         if _needs_state(it):
             msg, _ = sync.recv(sock, "waiting for the state")
             it.state_json = msg["state"]  # type: ignore[attr-defined]
@@ -154,8 +195,10 @@ def _g_main(sc: S.Linux, it: _Init, sock) -> None:
         if it.spec is not None:
             stage = "building the root file system"
             _build_rootfs(sc, it, sock)
+        _cgroup_ready(sc, it, sock)
         if proc.terminal:
             stage = "creating the terminal"
+            from . import console  # imported by the launcher before the fork
             master, slave = console.open_pty(proc.console_size)
             if it.spec is not None and os.path.exists("/dev/console"):
                 try:
@@ -183,6 +226,8 @@ def _g_main(sc: S.Linux, it: _Init, sock) -> None:
         process.switch_user(sc, proc)
         keep = {it.fifo_fd} if it.fifo_fd is not None else set()
         keep |= getattr(it, "keep_fds", set())
+        if getattr(it, "trampoline_fd", None) is not None:
+            keep.add(it.trampoline_fd)
         if sock is not None:
             keep.add(sock.fileno())
         process.close_fds_except(sc, keep)  # type: ignore[arg-type]
@@ -203,14 +248,15 @@ def _g_main(sc: S.Linux, it: _Init, sock) -> None:
             sock.close()
             sock = None
             stage = "waiting for start"
-            p = select.poll()
-            p.register(it.fifo_fd, select.POLLIN)
-            while True:
-                if p.poll(-1) and os.read(it.fifo_fd, 1):
-                    break
+            # The fifo is open for reading and writing (container.py, create), so this read
+            # blocks until start writes its byte instead of seeing end-of-file.
+            os.set_blocking(it.fifo_fd, True)
+            while not os.read(it.fifo_fd, 1):
+                pass
             os.close(it.fifo_fd)
             if it.start_hooks:
                 stage = "startContainer hooks"
+                from . import hooks
                 hooks.run_hooks("startContainer", it.start_hooks, _state_for_hooks(it))
         if not proc.args:
             os._exit(1)  # no process in the config: start refuses, nothing to run
@@ -234,12 +280,25 @@ def _g_main(sc: S.Linux, it: _Init, sock) -> None:
             capabilities.apply_final(caps, sc)
         if notify_fd is not None:
             _send_notify_fd(listener, notify_fd, it)
+        tfd = getattr(it, "trampoline_fd", None)
+        if tfd is not None:
+            from . import trampoline
+            trampoline.execve(tfd, exe, proc.args, env)
         os.execve(exe, proc.args, env)
     except BaseException as e:  # noqa: BLE001 - reported to the launcher, then exit
         if sock is not None:
             _die_with(sock, e, stage)
         os.write(2, f"oci-launcher: {stage}: {e}\n".encode())
         os._exit(127)
+
+
+def preimport_for(it: _Init) -> None:
+    """Import what G will need after pivot_root, when it can no longer find modules: the
+    console code with a terminal, the hook runner with container-side hooks."""
+    if it.proc.terminal:
+        from . import console  # noqa: F401
+    if it.start_hooks or it.create_hooks:
+        from . import hooks  # noqa: F401
 
 
 def _needs_state(it: _Init) -> bool:
@@ -272,8 +331,10 @@ def _state_for_hooks(it: _Init) -> str:
 
 def _c_main(sc: S.Linux, it: _Init, sock, plan, want_maps: bool, timens: dict | None) -> None:
     try:
-        sync.recv(sock, "waiting for the cgroup")
-        _enter_namespaces(sc, sock, plan, want_maps)
+        selfatt = getattr(it, "self_attach", None) is not None
+        if not selfatt:
+            sync.recv(sock, "waiting for the cgroup")
+        _enter_namespaces(sc, sock, plan, want_maps, defer_cgroupns=selfatt)
         if timens:
             with open("/proc/self/timens_offsets", "w") as f:
                 for clock, off in timens.items():
@@ -281,7 +342,18 @@ def _c_main(sc: S.Linux, it: _Init, sock, plan, want_maps: bool, timens: dict | 
         # G must not talk on the shared socket before C has reported G's pid: the launcher
         # reads that first. A pipe orders them.
         r, w = os.pipe()
-        pid = os.fork()
+        cg_fd = getattr(it, "cgroup_fd", None)
+        if cg_fd is not None:
+            try:
+                pid = sc.clone_into_cgroup(cg_fd)
+            except OSError as e:
+                # E.g. a kernel before 5.7, or a refusal after the kernel took pid 1 of the
+                # new pid namespace, which then takes no process at all: the launcher starts
+                # over with a fresh C that it attaches itself.
+                sync.send(sock, {"retry": f"clone3 into the container's cgroup: {e}"})
+                os._exit(0)
+        else:
+            pid = os.fork()
         if pid == 0:
             os.close(w)
             os.read(r, 1)
@@ -306,6 +378,7 @@ def _c_boot(sock_fd: int) -> None:
         if it.fifo_fd is not None:
             os.set_inheritable(it.fifo_fd, False)
         it.seccomp_mod = _load_seccomp(it.seccomp) if it.seccomp else None
+        preimport_for(it)
     except BaseException as e:  # noqa: BLE001
         _die_with(sock, e, "starting the container process")
     _c_main(S.default(), it, sock, plan, want_maps, timens)

@@ -66,6 +66,14 @@ def env_dict(env: list[str]) -> dict[str, str]:
 def find_executable(name: str, env: dict[str, str]) -> str:
     """args[0] resolved like execvp does, using the container's PATH (checked after pivot)."""
     if "/" in name:
+        # Checked here, before "ready", so that create fails with the name (as runc's does)
+        # rather than the program's exec failing after start.
+        try:
+            st = os.stat(name)
+        except OSError as e:
+            raise OSError(e.errno, f"executable {name!r}: {e.strerror}") from None
+        if (st.st_mode & 0o170000) != 0o100000 or not os.access(name, os.X_OK):
+            raise PermissionError(13, f"executable {name!r} is not an executable file")
         return name
     path = env.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     for d in path.split(":"):

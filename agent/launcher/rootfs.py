@@ -356,8 +356,11 @@ def prepare_root(sc: S.Linux, rootfs: str, propagation: str | None) -> None:
     elif flag & S.MS_SHARED:
         flag = S.MS_SLAVE | S.MS_REC
     sc.mount(None, "/", None, flag, None)
-    # pivot_root refuses a new root whose parent mount is shared.
-    sc.mount(None, _mount_point_of(os.path.dirname(rootfs) or "/"), None, S.MS_PRIVATE, None)
+    if not flag & S.MS_REC:
+        # pivot_root refuses a new root whose parent mount is shared; after a recursive
+        # change above no mount is shared any more, and mountinfo need not be read.
+        sc.mount(None, _mount_point_of(os.path.dirname(rootfs) or "/"), None, S.MS_PRIVATE,
+                 None)
     sc.mount(rootfs, rootfs, None, S.MS_BIND | S.MS_REC, None)
 
 

@@ -145,6 +145,15 @@ class FilterPlan:
         self.listener_path = listener_path
         self.listener_metadata = listener_metadata
 
+    def allows_plainly(self, name: str) -> bool:
+        """Whether syscall ``name`` is allowed (or only logged) whatever its arguments."""
+        ok = (_ACT_ALLOW, _ACT_LOG)
+        mine = [r for r in self.rules if r.name == name]
+        if not mine:
+            return self.default_action in ok
+        return all(r.action in ok for r in mine) and (
+            self.default_action in ok or any(not r.conditions for r in mine))
+
 
 def _action(name: object, errno_ret: object, where: str) -> int:
     if not isinstance(name, str) or name not in ACTIONS:

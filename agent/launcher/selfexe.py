@@ -9,9 +9,11 @@ it and, once the process exits, reopens it for writing and replaces the host's P
 Choice: no process that enters the container ever maps a writable host executable. Before
 the launcher forks the process that will enter the container's namespaces (container.py,
 _start_c), it checks /proc/self/exe: a memfd sealed against writes, or a file on a read-only
-mount, is accepted and the process is a plain fork; anything else makes that process execute a
-copy of the interpreter (17 KB here: libpython is a shared library, which a container cannot
-reach through /proc/PID/exe) held in a memfd sealed with F_SEAL_WRITE|GROW|SHRINK|SEAL. The
+mount, is accepted and the process is a plain fork; so is a ``run``, whose init executes the
+program through the sealed trampoline instead (trampoline.py); anything else makes that
+process execute a copy of the interpreter (17 KB here: libpython is a shared library, which a
+container cannot reach through /proc/PID/exe) held in a memfd sealed with
+F_SEAL_WRITE|GROW|SHRINK|SEAL. The
 kernel then refuses every write to it, whatever path or fd the container obtains. The launcher
 process itself never enters the container, so ``state``/``kill``/``delete`` pay nothing, and the
 extra interpreter start of ``create``/``exec`` overlaps the cgroup migration the launcher waits

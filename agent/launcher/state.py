@@ -1,7 +1,8 @@
 """Container state kept under --root: survives the launcher's exit.
 
 Layout: ``<root>/<id>/state.json`` (what ``state`` prints plus what later commands need) and
-``<root>/<id>/exec.fifo`` (present while the container is "created"). The status is derived
+``<root>/<id>/exec.fifo`` (present while the container is "created"), ``<root>/<id>/paused``
+(present while it is frozen by ``pause``). The status is derived
 from the process, not stored: a stored "running" would go stale the moment the process dies.
 """
 from __future__ import annotations
@@ -33,6 +34,10 @@ class Store:
 
     def fifo(self, cid: str) -> str:
         return os.path.join(self.dir(cid), "exec.fifo")
+
+    def paused_marker(self, cid: str) -> str:
+        """Present while ``pause`` has frozen the container's cgroup (until ``resume``)."""
+        return os.path.join(self.dir(cid), "paused")
 
     def reserve(self, cid: str) -> str:
         """Create the container's directory; fails if the id is taken."""
@@ -98,6 +103,8 @@ def status(store: Store, cid: str, record: dict) -> str:
         return "stopped"
     if os.path.exists(store.fifo(cid)):
         return "created"
+    if os.path.exists(store.paused_marker(cid)):
+        return "paused"
     return "running"
 
 

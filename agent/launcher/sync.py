@@ -4,8 +4,8 @@ as {"error": ...} so the launcher can report them with their text."""
 from __future__ import annotations
 
 import _socket
-import struct
 import os
+import sys
 
 from . import jsonlite
 
@@ -24,7 +24,7 @@ def send(sock: _socket.socket, msg: dict, fds: list[int] | None = None) -> None:
     data = jsonlite.dumps(msg).encode()
     if fds:
         sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
-                              struct.pack(f"{len(fds)}i", *fds))])
+                              b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))])
     else:
         sock.send(data)
 
@@ -36,7 +36,8 @@ def recv(sock: _socket.socket, what: str) -> tuple[dict, list[int]]:
     for level, typ, payload in anc:
         if level == _socket.SOL_SOCKET and typ == _socket.SCM_RIGHTS:
             n = len(payload) // 4
-            fds.extend(struct.unpack(f"{n}i", payload[: 4 * n]))
+            fds.extend(int.from_bytes(payload[4 * i:4 * i + 4], sys.byteorder)
+                       for i in range(n))
     if not data:
         raise ChildError(f"{what}: the container process exited before reporting")
     msg = jsonlite.loads(data)

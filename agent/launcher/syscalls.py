@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 
-# ctypes costs ~4 ms to import; the launcher process of a plain ``create`` or ``state`` never
-# makes these calls, so it is loaded when the first Linux() is built.
+# The ctypes package costs ~2 ms to import (it builds dozens of types and imports struct and
+# types); the few foreign calls here need only what its C core, _ctypes, provides: a handful of
+# scalar types, a function-pointer class, Structure, byref. Loaded when the first Linux() is
+# built, since a plain ``state`` or ``kill`` never makes these calls.
 ctypes = None  # type: ignore[assignment]
 
 # mount(2) flags
@@ -73,20 +75,77 @@ RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
 
 CLOSE_RANGE_CLOEXEC = 1 << 2
+CLONE_INTO_CGROUP = 0x200000000
 
 _NR = {  # x86_64 and aarch64 numbers for calls glibc 2.36 does not wrap
     "x86_64": {"pivot_root": 155, "capget": 125, "capset": 126, "openat2": 437,
-               "close_range": 436, "pidfd_open": 434},
+               "close_range": 436, "pidfd_open": 434, "clone3": 435},
     "aarch64": {"pivot_root": 41, "capget": 90, "capset": 91, "openat2": 437,
-                "close_range": 436, "pidfd_open": 434},
+                "close_range": 436, "pidfd_open": 434, "clone3": 435},
 }[os.uname().machine]
+
+
+class _MiniCtypes:
+    """The subset of the ctypes API this module uses, built on _ctypes directly."""
+
+    def __init__(self) -> None:
+        import _ctypes as C
+        self._C = C
+
+        def simple(code: str, name: str) -> type:
+            return type(name, (C._SimpleCData,), {"_type_": code})
+
+        self.c_int = simple("i", "c_int")
+        self.c_uint32 = simple("I", "c_uint32")
+        self.c_long = simple("l", "c_long")
+        self.c_ulong = simple("L", "c_ulong")
+        self.c_uint64 = simple("Q", "c_uint64")
+        self.c_char_p = simple("z", "c_char_p")
+        self.Structure = C.Structure
+        self.byref = C.byref
+        self.sizeof = C.sizeof
+        self.get_errno = C.get_errno
+
+        class FuncPtr(C.CFuncPtr):
+            # cdecl, errno saved after each call (what CDLL(..., use_errno=True) sets up)
+            _flags_ = C.FUNCFLAG_CDECL | C.FUNCFLAG_USE_ERRNO
+            _restype_ = self.c_int
+
+        class PyFuncPtr(C.CFuncPtr):
+            # a C-API function: called holding the GIL (what ctypes.pythonapi does)
+            _flags_ = C.FUNCFLAG_CDECL | C.FUNCFLAG_PYTHONAPI
+            _restype_ = None
+
+        self._FuncPtr = FuncPtr
+        self._PyFuncPtr = PyFuncPtr
+
+    def pythonapi(self) -> "_Lib":
+        return _Lib(self._C.dlopen(None, 0), self._PyFuncPtr)
+
+    def libc(self) -> "_Lib":
+        return _Lib(self._C.dlopen(None, 0), self._FuncPtr)  # the process's own symbols
+
+
+class _Lib:
+    """Symbols of the running program and its libraries (libc), as ctypes.CDLL(None)."""
+
+    def __init__(self, handle: int, funcptr: type) -> None:
+        self._handle = handle
+        self._FuncPtr = funcptr
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        f = self._FuncPtr((name, self))
+        setattr(self, name, f)
+        return f
 
 
 def _load_ctypes() -> None:
     global ctypes, _OpenHow, _CapHeader, _CapData
     if ctypes is not None:
         return
-    import ctypes as c
+    c = _MiniCtypes()
 
     class _OpenHow(c.Structure):  # noqa: N801 - struct open_how
         _fields_ = [("flags", c.c_uint64), ("mode", c.c_uint64), ("resolve", c.c_uint64)]
@@ -98,6 +157,12 @@ def _load_ctypes() -> None:
         _fields_ = [("effective", c.c_uint32), ("permitted", c.c_uint32),
                     ("inheritable", c.c_uint32)]
 
+    class _CloneArgs(c.Structure):  # noqa: N801 - struct clone_args (CLONE_ARGS_SIZE_VER2)
+        _fields_ = [(n, c.c_uint64) for n in (
+            "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size",
+            "tls", "set_tid", "set_tid_size", "cgroup")]
+
+    globals()["_CloneArgs"] = _CloneArgs
     ctypes = c
 
 
@@ -115,7 +180,7 @@ class Linux:
 
     def __init__(self) -> None:
         _load_ctypes()
-        self._libc = libc = ctypes.CDLL(None, use_errno=True)
+        self._libc = libc = ctypes.libc()
         self._mount = libc.mount
         self._mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
                                 ctypes.c_ulong, ctypes.c_char_p]
@@ -202,6 +267,31 @@ class Linux:
     def close_range(self, first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:
         if self._syscall(_NR["close_range"], first, last, flags) != 0:
             raise self._fail(f"close_range({first}, {last}, {flags})")
+
+    def clone_into_cgroup(self, cgroup_fd: int, ns_flags: int = 0) -> int:
+        """fork(), with the child created directly in the cgroup2 directory ``cgroup_fd``
+        (clone3 with CLONE_INTO_CGROUP, Linux >= 5.7) and in new namespaces ``ns_flags``
+        (CLONE_NEW*). Unlike a write to cgroup.procs this takes the kernel's
+        cgroup_threadgroup_rwsem only for reading, so it never waits for an RCU grace period.
+        Returns 0 in the child and its pid in the parent.
+
+        Python's own fork bookkeeping is done as os.fork() does it (PyOS_BeforeFork and the
+        AfterFork calls). Only for single-threaded callers: glibc's fork handlers do not run,
+        so any lock another thread held would stay held in the child."""
+        api = ctypes.pythonapi()
+        args = _CloneArgs(CLONE_INTO_CGROUP | ns_flags, 0, 0, 0, 17, 0, 0, 0, 0, 0,
+                          cgroup_fd)  # exit signal SIGCHLD
+        api.PyOS_BeforeFork()
+        pid = self._syscall(_NR["clone3"], ctypes.byref(args), ctypes.sizeof(args))
+        if pid == 0:
+            api.PyOS_AfterFork_Child()
+            return 0
+        err = ctypes.get_errno()
+        api.PyOS_AfterFork_Parent()
+        if pid < 0:
+            raise OSError(err, f"clone3(CLONE_INTO_CGROUP|{ns_flags:#x}, cgroup fd "
+                               f"{cgroup_fd}): {os.strerror(err)}")
+        return pid
 
     def mknod(self, path: str, mode: int, device: int) -> None:
         os.mknod(path, mode, device)
