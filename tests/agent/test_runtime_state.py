@@ -1,6 +1,6 @@
 """UpdateContainer, PauseContainer, ResumeContainer: init asks the OCI runtime (`update`,
-`pause`, `resume`). Our launcher does not implement those verbs yet, so these run the agent
-with runc as its runtime, which is what they exercise: the agent's side of the RPCs."""
+`pause`, `resume`). Run with our launcher (the default, through the warm launcher) and with
+runc, so the agent's side of the RPCs and both runtimes' verbs are exercised."""
 
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ from agent.protos import agent_pb2, oci_pb2  # noqa: E402
 from agent.ttrpc import Code, TTRPCError  # noqa: E402
 
 
-@pytest.fixture
-def runc_agent():
+@pytest.fixture(params=["oci-launcher", "runc"])
+def runc_agent(request):
     _need_root()
-    if shutil.which("runc") is None:
+    if request.param == "runc" and shutil.which("runc") is None:
         pytest.skip("runc is not installed")
-    tmp = Path(tempfile.mkdtemp(prefix="sa-runc-", dir="/tmp"))
+    tmp = Path(tempfile.mkdtemp(prefix="sa-rt-", dir="/tmp"))
     os.chmod(tmp, 0o755)
-    a = Agent(tmp, runtime="runc")
+    a = Agent(tmp, runtime=request.param)
     a.start()
     yield a
     a.stop()
