@@ -74,7 +74,7 @@ def runc_run(bundle: Path, name: str) -> float | None:
 
 
 def zygote_of(init_pid: int) -> int | None:
-    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True,
+    out = subprocess.run(["ps", "-ww", "-e", "-o", "pid=,ppid=,args="], capture_output=True,
                          text=True).stdout
     for line in out.splitlines():
         p, pp, a = line.split(None, 2)

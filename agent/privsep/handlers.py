@@ -65,7 +65,11 @@ def launcher_paths() -> list[str]:
     """sys.path for our launcher started with -I -S: site (and an editable install's finder)
     costs more than the launcher's own imports, so the paths it needs are given directly."""
     pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return [pkg_root] + [p for p in sys.path if p and p != pkg_root and os.path.isdir(p)]
+    paths = [pkg_root]
+    for p in sys.path:
+        if p and p not in paths and os.path.isdir(p):
+            paths.append(p)
+    return paths
 
 
 def runtime_argv(name: str) -> list[str]:

@@ -105,7 +105,7 @@ class Agent:
 
     def pids(self) -> dict[str, int]:
         """Host pids of init and the daemon: init is unshare's child, the daemon init's."""
-        out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+        out = subprocess.run(["ps", "-ww", "-e", "-o", "pid=,ppid=,args="], capture_output=True, text=True).stdout
         rows = [line.split(None, 2) for line in out.splitlines()]
         top = self.proc.pid
         if self.netns:  # ip netns exec execs unshare in place: same pid

@@ -171,7 +171,7 @@ def test_remove_leaves_nothing_behind(agent, rootfs):
     run(agent, body)
     pids = agent.pids()
     # no process of the container left under init
-    out = subprocess.run(["ps", "-e", "-o", "ppid=,args="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-e", "-o", "ppid=,args="], capture_output=True, text=True).stdout
     assert not [line for line in out.splitlines() if "sleep 1000" in line]
     # no cgroup
     for root in ("/sys/fs/cgroup/memory", "/sys/fs/cgroup/pids", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
