@@ -59,9 +59,14 @@ BOOT_MOUNTS = [
     ("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "mode=0620,ptmxmode=0666,gid=5"),
     ("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
     ("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"),
+    # favordynmods: moving a process between cgroups (every exec into a running container,
+    # every launcher that cannot create its child inside the cgroup) no longer waits an RCU
+    # grace period for the global threadgroup lock, at a small cost to fork and exit. Kernels
+    # before 6.0 refuse the option: boot_mounts then mounts without it.
     ("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RELATIME,
-     None),
+     "favordynmods"),
 ]
+OPTIONAL_DATA = {"favordynmods"}  # mount data a kernel may not know: retried without
 # devtmpfs has no such links; /dev/ptmx (a node in devtmpfs) already resolves to the devpts
 # mounted on /dev/pts on any kernel since 4.7.
 DEV_LINKS = [("/proc/self/fd", "/dev/fd"), ("/proc/self/fd/0", "/dev/stdin"),
@@ -86,7 +91,14 @@ def boot_mounts(log: JsonLogger, mounts=BOOT_MOUNTS, root: str = "/") -> list[st
             continue
         try:
             os.makedirs(target, exist_ok=True)
-            sysc.mount(source, target, fstype, flags, data)
+            try:
+                sysc.mount(source, target, fstype, flags, data)
+            except OSError as e:
+                if e.errno != errno.EINVAL or data not in OPTIONAL_DATA:
+                    raise
+                log.info("mount option refused; mounting without it", target=target,
+                         option=data)
+                sysc.mount(source, target, fstype, flags, None)
             done.append(target)
         except OSError as e:
             if e.errno != errno.EBUSY:

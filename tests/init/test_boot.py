@@ -33,7 +33,9 @@ for line in open("/proc/self/mountinfo"):
     mounts[f[4]] = (f[sep + 1], f[5], f[sep + 3])
 print(json.dumps({{"done": done, "again": again, "mounts": mounts, "log": buf.getvalue()}}))
 """
-    p = run_in_ns(code)
+    # its own cgroup namespace: a cgroup2 mount in the initial one applies its options
+    # (favordynmods) to the host's whole cgroup2 hierarchy
+    p = run_in_ns(code, "--cgroup")
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     m = out["mounts"]
@@ -50,6 +52,40 @@ print(json.dumps({{"done": done, "again": again, "mounts": mounts, "log": buf.ge
     # nothing of it is visible outside the namespace
     with open("/proc/self/mountinfo") as f:
         assert str(tmp_path) not in f.read()
+
+
+def test_an_optional_mount_option_the_kernel_refuses_is_dropped(tmp_path, monkeypatch):
+    """Kernels before 6.0 answer EINVAL to cgroup2's favordynmods: the mount is retried
+    without it. The refusal is injected (this kernel knows the option); no mount happens."""
+    import errno
+    import io
+
+    from agent import init
+    from agent.observe import JsonLogger
+
+    calls = []
+
+    def fake_mount(source, target, fstype, flags, data):
+        calls.append((fstype, data))
+        if data == "favordynmods":
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(init.sysc, "mount", fake_mount)
+    buf = io.StringIO()
+    cg = [m for m in init.BOOT_MOUNTS if m[2] == "cgroup2"]
+    done = init.boot_mounts(JsonLogger("init", "debug", stream=buf), mounts=cg,
+                            root=str(tmp_path))
+    assert calls == [("cgroup2", "favordynmods"), ("cgroup2", None)]
+    assert done == [str(tmp_path / "sys/fs/cgroup")]
+    assert "mount option refused" in buf.getvalue() and '"level": "error"' not in buf.getvalue()
+    # any other refusal is an error, not retried
+    calls.clear()
+    monkeypatch.setattr(init.sysc, "mount", lambda *a: (calls.append(a[4]),
+                                                         (_ for _ in ()).throw(OSError(errno.EPERM, "no"))))
+    buf = io.StringIO()
+    assert init.boot_mounts(JsonLogger("init", "debug", stream=buf), mounts=cg,
+                            root=str(tmp_path)) == []
+    assert calls == ["favordynmods"] and "boot mount failed" in buf.getvalue()
 
 
 def test_module_load_failures_are_logged_not_fatal(tmp_path):

@@ -130,6 +130,17 @@ def test_container_stdout_and_exit_code(guest_vm):
     assert status == 7
 
 
+def test_guest_cgroup2_favours_dynamic_moves(guest_vm):
+    """init mounts the guest's cgroup2 with favordynmods (cgroup moves skip an RCU grace
+    period). A container in the guest's pid and cgroup namespaces reads init's mount table."""
+    st, _ = guest_vm
+    out, status = run_container(st.server_addr, "cgopts", ["cat", "/proc/1/mountinfo"],
+                                namespaces=("network", "ipc", "uts", "mount"))
+    assert status == 0, out
+    cg = [line for line in out.splitlines() if " - cgroup2 " in line]
+    assert cg and all("favordynmods" in line for line in cg), out
+
+
 def test_exec_with_stdin(guest_vm):
     st, _ = guest_vm
     spec = default_spec(ROOTFS, ["sleep", "60"], terminal=False, env=DEFAULT_ENV)
