@@ -18,7 +18,7 @@ confined, and asks init for privileged work over the privsep channel (agent.priv
   a VM).
 
 It imports little (no trio, no protobuf; not even re, json, socket, signal, enum, collections
-or ctypes: see privsep.tinyjson, privsep.sysc.in_child) to start fast and stay small.
+or ctypes: see privsep.jsonlite, privsep.sysc.in_child) to start fast and stay small.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ import time
 from . import cmdline
 from .cmdline import AgentConfig
 from .observe import JsonLogger, SocketSink
-from .privsep import ops, sysc, tinyjson, wire
+from . import jsonlite
+from .privsep import ops, sysc, wire
 from .privsep.handlers import LAUNCHER_NAMES, Job, OpError, Reply, Sandbox, launcher_paths
 from .privsep.listen import open_endpoint, parse_address
 from .privsep.record import asdict, field, record, replace
@@ -185,7 +186,7 @@ class Init:
             env[ENV_LISTEN_FD] = str(LISTEN_FD)
         cfg = asdict(self.cfg)
         cfg.pop("ignored", None)
-        env[ENV_CONFIG] = tinyjson.dumps(cfg)
+        env[ENV_CONFIG] = jsonlite.dumps(cfg)
         env[ENV_GENERATION] = str(self.daemon.generation)
         return env
 

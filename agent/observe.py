@@ -1,6 +1,6 @@
 """Observability of the agent: Prometheus metrics, structured JSON logs, lifecycle events.
 
-Light on imports (init uses the logger): os, time and privsep.tinyjson at module level;
+Light on imports (init uses the logger): os, time and jsonlite at module level;
 collections and socket only where a sink or an event ring is made.
 
 * Metrics: :func:`render_metrics` gives the Prometheus text exposition format (0.0.4) with
@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from .privsep import tinyjson
+from . import jsonlite
 from .privsep.record import asdict, field, record
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ class JsonLogger:
             return
         rec = {"time": _rfc3339(time.time()), "level": level, "source": self.source,
                "msg": msg, "fields": fields}
-        line = tinyjson.dumps(rec, default=repr, ensure_ascii=False,
+        line = jsonlite.dumps(rec, default=repr, ensure_ascii=False,
                               separators=(", ", ": "), allow_nan=True) + "\n"
         if self.sink is not None:
             self.sink.write(line.encode())

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from . import jsonlite
+from .. import jsonlite
 
 SIGNALS = {
     "HUP": 1, "INT": 2, "QUIT": 3, "ILL": 4, "TRAP": 5, "ABRT": 6, "IOT": 6, "BUS": 7,

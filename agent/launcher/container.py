@@ -431,7 +431,7 @@ class Launcher:
                       "seccomp": spec.linux.seccomp}
 
             def state_of(pid: int, status: str) -> str:
-                from . import jsonlite
+                from .. import jsonlite
                 rec = dict(record, pid=pid)
                 return jsonlite.dumps(state.oci_state(self.store, cid, rec, status))
 
@@ -498,7 +498,7 @@ class Launcher:
         os.unlink(self.store.fifo(cid))
         hk = parse_hooks(rec.get("hooks") or {})
         if hk["poststart"]:
-            from . import jsonlite
+            from .. import jsonlite
             sj = jsonlite.dumps(state.oci_state(self.store, cid, rec, "running"))
             from . import hooks
             for err in hooks.run_hooks("poststart", hk["poststart"], sj, fatal=False):
@@ -610,7 +610,7 @@ class Launcher:
         hk = parse_hooks(rec.get("hooks") or {})
         sj = ""
         if hk["poststop"]:
-            from . import jsonlite
+            from .. import jsonlite
             sj = jsonlite.dumps(state.oci_state(self.store, cid, rec, "stopped"))
         self.store.remove(cid)
         if hk["poststop"]:

@@ -313,7 +313,7 @@ def _send_notify_fd(listener, fd: int, it: _Init) -> None:
     import _socket
     if listener is None:
         raise OSError(22, "SCMP_ACT_NOTIFY needs linux.seccomp.listenerPath")
-    from . import jsonlite
+    from .. import jsonlite
     cstate = jsonlite.loads(getattr(it, "state_json", "") or "{}")
     st = {"ociVersion": state.OCI_VERSION, "fds": ["seccompFd"],
           "pid": cstate.get("pid", 0),  # type: ignore[union-attr]

@@ -9,7 +9,7 @@ seccomp.py) take the OCI JSON objects as they are.
 """
 from __future__ import annotations
 
-from . import jsonlite
+from .. import jsonlite
 
 NAMESPACE_TYPES = ("pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time")
 HOOK_KINDS = ("prestart", "createRuntime", "createContainer", "startContainer",

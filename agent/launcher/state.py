@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from . import jsonlite
+from .. import jsonlite
 
 DEFAULT_ROOT = "/run/oci-launcher"
 OCI_VERSION = "1.0.2"

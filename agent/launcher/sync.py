@@ -7,7 +7,7 @@ import _socket
 import os
 import sys
 
-from . import jsonlite
+from .. import jsonlite
 
 
 class ChildError(RuntimeError):

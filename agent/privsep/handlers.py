@@ -14,7 +14,8 @@ import fcntl
 import os
 import sys
 
-from . import ops, sysc, tinyjson
+from .. import jsonlite
+from . import ops, sysc
 from .record import field, record
 from .state import ProcessTable
 from .wire import MAX_PACKET
@@ -178,7 +179,7 @@ class Sandbox:
         msgs = []
         for line in lines:
             try:
-                rec = tinyjson.loads(line)
+                rec = jsonlite.loads(line)
             except ValueError:
                 rec = None
             if isinstance(rec, dict):
@@ -499,9 +500,9 @@ class Sandbox:
                     out = {"ok": False, "field": e.field, "msg": e.msg}
                 except Exception as e:  # noqa: BLE001 - reported to the daemon
                     out = {"ok": False, "field": "", "msg": f"{type(e).__name__}: {e}"}
-                data = tinyjson.dumps(out).encode()
+                data = jsonlite.dumps(out).encode()
                 if len(data) > MAX_PACKET - 1024:
-                    data = tinyjson.dumps({"ok": False, "field": "", "msg":
+                    data = jsonlite.dumps({"ok": False, "field": "", "msg":
                                        f"result of {len(data)} bytes too large"}).encode()
                 view = memoryview(data)
                 while view:
@@ -515,7 +516,7 @@ class Sandbox:
 
         def finish(job: Job) -> Reply:
             try:
-                out = tinyjson.loads(bytes(job.out))
+                out = jsonlite.loads(bytes(job.out))
             except ValueError:
                 raise OpError("", f"network worker died (status {job.status})") from None
             if not out.get("ok"):

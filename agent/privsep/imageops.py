@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import tinyjson
+from .. import jsonlite
 from .ops import _ALNUM, _DIGITS, ValidationError, _get, _only, check_id
 from .record import record
 
@@ -50,7 +50,7 @@ def valid_platform(v: str) -> bool:
 
 
 def _pretty(obj) -> str:
-    return tinyjson.dumps(obj, separators=(", ", ": "))  # json.dumps' default layout
+    return jsonlite.dumps(obj, separators=(", ", ": "))  # json.dumps' default layout
 
 
 IMAGES_DIR = "images"    # the store: blobs, layers, snapshot records
@@ -226,7 +226,7 @@ def _json_job(sandbox, argv: list[str], what: str, env: dict | None = None):
             lines = [l for l in err.splitlines() if l.strip()]
             raise OpError("", f"{what} failed: {lines[-1] if lines else f'status {job.status}'}")
         try:
-            return Reply(tinyjson.loads(bytes(job.out) or b"{}"))
+            return Reply(jsonlite.loads(bytes(job.out) or b"{}"))
         except ValueError:
             raise OpError("", f"{what}: unreadable answer") from None
     return Job(pid, finish, out_r=r)

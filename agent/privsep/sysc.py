@@ -77,7 +77,7 @@ CLONE_NEWUTS = 0x04000000
 def in_child(fn, *args):
     """Run ``fn(*args)`` in a forked child; return what it returns (JSON-able), or raise the
     OSError it raised (same errno and text), or RuntimeError for anything else."""
-    from . import tinyjson
+    from .. import jsonlite
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child's result is what the parent checks
@@ -92,7 +92,7 @@ def in_child(fn, *args):
             except BaseException as e:  # noqa: BLE001 - reported to the parent
                 out = {"error": f"{type(e).__name__}: {e}"}
                 code = 1
-            data = tinyjson.dumps(out, default=repr).encode()
+            data = jsonlite.dumps(out, default=repr).encode()
             while data:
                 data = data[os.write(w, data):]
         finally:
@@ -109,7 +109,7 @@ def in_child(fn, *args):
         os.close(r)
         os.waitpid(pid, 0)
     try:
-        out = tinyjson.loads(b"".join(chunks))
+        out = jsonlite.loads(b"".join(chunks))
     except ValueError:
         raise RuntimeError(f"{getattr(fn, '__name__', fn)} in a child: the child died "
                            "without an answer") from None

@@ -1,6 +1,6 @@
 """Packet encoding for the privsep channel: JSON objects, one per SEQPACKET, fds beside them.
 
-Over ``_socket`` and :mod:`tinyjson`, not ``socket`` and ``json``: init imports this, and those
+Over ``_socket`` and :mod:`jsonlite`, not ``socket`` and ``json``: init imports this, and those
 two build enums and regular expressions it does not need (~2 MB of its memory). Any socket
 object with sendmsg/recvmsg works, a ``socket.socket`` or trio's included.
 """
@@ -10,7 +10,7 @@ import _socket
 import os
 import sys
 
-from . import tinyjson
+from .. import jsonlite
 
 from .record import field, record
 
@@ -41,7 +41,7 @@ class Packet:
 
 
 def encode(msg: dict) -> bytes:
-    data = tinyjson.dumps(msg).encode()
+    data = jsonlite.dumps(msg).encode()
     if len(data) > MAX_PACKET:
         raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_PACKET} byte cap")
     return data
@@ -51,7 +51,7 @@ def decode(data: bytes) -> dict:
     if len(data) > MAX_PACKET:
         raise ProtocolError(f"packet of {len(data)} bytes exceeds the {MAX_PACKET} byte cap")
     try:
-        msg = tinyjson.loads(data.decode("utf-8"))
+        msg = jsonlite.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(f"packet is not JSON: {e}") from None
     if not isinstance(msg, dict):

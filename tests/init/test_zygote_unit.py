@@ -1,5 +1,5 @@
 """The pieces that keep init small and its runtime commands fast, on their own: the warm
-launcher (a real zygote process driven through ZygoteLink), tinyjson against json, the
+launcher (a real zygote process driven through ZygoteLink), jsonlite against json, the
 character-class validators against the regular expressions they replaced, sysc.in_child, and
 what init has imported after serving requests."""
 from __future__ import annotations
@@ -18,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.observe import JsonLogger
-from agent.privsep import imageops, ops, sysc, tinyjson, zygote
+from agent import jsonlite
+from agent.privsep import imageops, ops, sysc, zygote
 from agent.privsep.handlers import launcher_paths
 from agent.privsep.zygote_link import (LOST_STATUS, ZygoteLink, ZygoteUnavailable,
                                         boot_argv)
@@ -26,7 +27,7 @@ from agent.privsep.zygote_link import (LOST_STATUS, ZygoteLink, ZygoteUnavailabl
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-# ---- tinyjson ----------------------------------------------------------------------------
+# ---- jsonlite ----------------------------------------------------------------------------
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
@@ -38,28 +39,28 @@ json_values = st.recursive(
 
 @settings(max_examples=300, deadline=None)
 @given(json_values)
-def test_tinyjson_matches_json(v):
-    assert tinyjson.dumps(v) == json.dumps(v, separators=(",", ":"), allow_nan=False)
-    assert tinyjson.dumps(v, ensure_ascii=False, separators=(", ", ": ")) == \
+def test_jsonlite_matches_json(v):
+    assert jsonlite.dumps(v) == json.dumps(v, separators=(",", ":"), allow_nan=False)
+    assert jsonlite.dumps(v, ensure_ascii=False, separators=(", ", ": ")) == \
         json.dumps(v, ensure_ascii=False)
     text = json.dumps(v, indent=1)
-    assert tinyjson.loads(text) == json.loads(text)
-    assert tinyjson.loads(text.encode()) == json.loads(text)
+    assert jsonlite.loads(text) == json.loads(text)
+    assert jsonlite.loads(text.encode()) == json.loads(text)
 
 
 @pytest.mark.parametrize("bad", ["", " ", "{", "[1,]", "NaN", "-Infinity", "1 2", '{"a":1}x',
                                  "{" * 100_000, "[" * 100_000, '"\\x"'])
-def test_tinyjson_rejects_with_value_error(bad):
+def test_jsonlite_rejects_with_value_error(bad):
     with pytest.raises(ValueError):
-        tinyjson.loads(bad)
+        jsonlite.loads(bad)
 
 
-def test_tinyjson_refuses_nan_unless_asked():
+def test_jsonlite_refuses_nan_unless_asked():
     with pytest.raises(ValueError):
-        tinyjson.dumps({"x": float("nan")})
-    assert tinyjson.dumps([float("inf")], allow_nan=True) == "[Infinity]"
+        jsonlite.dumps({"x": float("nan")})
+    assert jsonlite.dumps([float("inf")], allow_nan=True) == "[Infinity]"
     with pytest.raises(TypeError, match="set"):
-        tinyjson.dumps({1, 2})
+        jsonlite.dumps({1, 2})
 
 
 # ---- validators against the regular expressions they replace ------------------------------
@@ -128,13 +129,14 @@ print("ok")
 # ---- what init imports ----------------------------------------------------------------------
 
 def test_init_serving_requests_imports_no_enum_regex_json_socket_or_ctypes(tmp_path):
-    # Run under -I -S like the guest's PID 1; the report goes out through tinyjson.
+    # Run under -I -S like the guest's PID 1; the report goes out through jsonlite.
     code = f"""
 import sys
 sys.path[:0] = [{REPO!r}]
 import agent.init
 from agent.cmdline import AgentConfig
-from agent.privsep import tinyjson, wire
+from agent import jsonlite
+from agent.privsep import wire
 a = agent.init._parse_args(["--server-addr", "unix:///x", "--no-zygote", "--job-timeout", "3"])
 init = agent.init.Init(AgentConfig(run_dir={str(tmp_path / 'run')!r}), ["/bin/false"],
                        vm=False)
@@ -148,7 +150,7 @@ reqs = [("table", {{}}), ("init_stats", {{}}), ("signal", {{"pid": 5, "signal": 
 for i, (op, args) in enumerate(reqs, 1):
     init._on_packet(wire.Packet({{"t": "req", "id": i, "op": op, "args": args}}, []))
 replies = [wire.recv_packet(theirs).msg for _ in reqs]
-print(tinyjson.dumps({{"modules": sorted(sys.modules), "replies": replies}}))
+print(jsonlite.dumps({{"modules": sorted(sys.modules), "replies": replies}}))
 """
     out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True,
                          text=True)

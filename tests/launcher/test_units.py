@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.launcher import capabilities, cli, jsonlite, rootfs, spec, syscalls
+from agent import jsonlite
+from agent.launcher import capabilities, cli, rootfs, spec, syscalls
 
 from .conftest import base_config
 
