@@ -676,7 +676,9 @@ class Args:
 
 
 def usage() -> str:
-    return ("usage: python -m agent.init [options]\n" + __doc__.split("\n\n")[0] + "\n\n" +
+    # the guest's bytecode carries no docstrings (compiled with -OO)
+    summary = (__doc__ or "").split("\n\n")[0]
+    return ("usage: python -m agent.init [options]\n" + summary + "\n\n" +
             "".join(f"  {o}{'' if k is bool else ' ' + d.upper()}\n      {h}\n"
                     for o, (d, k, h) in OPTIONS.items()))
 
