@@ -17,7 +17,7 @@ from typing import BinaryIO, Callable
 import requests
 
 from .digest import parse_digest
-from .errors import VerificationError
+from .errors import AnswerTooLarge, VerificationError
 
 CHUNK = 1 << 20
 
@@ -211,17 +211,20 @@ def fetch_small_blob(client, repository: str, digest: str, size: int, *, cap: in
     """Download a whole (small) blob such as an image config, verified."""
     if size > cap:
         raise VerificationError(f"{what}: descriptor size {size} exceeds the {cap}-byte limit")
-    resp = client.open_blob(repository, digest)
-    reader = BlobReader(resp, digest, size, what=what)
+    d = parse_digest(digest, what=what)
     try:
-        out = bytearray()
-        buf = bytearray(CHUNK)
-        while True:
-            n = reader.readinto(buf)
-            if not n:
-                break
-            out += buf[:n]
-        return bytes(out)
-    finally:
-        reader.close()
-
+        # One byte more than the descriptor allows, so a longer blob shows itself.
+        body = client.get_small(f"{repository}/blobs/{d}", cap=size + 1, what=f"blob {repository}@{d}").body
+    except AnswerTooLarge:
+        raise VerificationError(f"{what}: registry sent more than the {size} bytes the descriptor says "
+                                "(size lie)") from None
+    if len(body) > size:
+        raise VerificationError(f"{what}: registry sent more than the {size} bytes the descriptor says (size lie)")
+    if len(body) < size:
+        raise VerificationError(f"{what}: blob truncated: got {len(body)} of {size} bytes")
+    if not d.matches(body):
+        got = d.hasher()
+        got.update(body)
+        raise VerificationError(f"{what}: content digest {d.algorithm}:{got.hexdigest()} "
+                                f"does not match descriptor digest {d}")
+    return body

@@ -30,7 +30,8 @@ from ..resolve import Resolved, fetch_manifest, resolve
 from ..tarstream import TarFormatError, TarReader
 from ..unpack import Limits, _Refused, clean_name
 from .chunker import DEFAULT_CHUNK_SIZE, ChunkTable
-from .format import ARTIFACT_TYPE, DATA_MEDIA_TYPE, META_MEDIA_TYPE, Meta
+from .format import (ARTIFACT_TYPE, DATA_MEDIA_TYPE, META_DIGEST_ANNOTATION, META_MEDIA_TYPE, META_SIZE_ANNOTATION,
+                     Meta)
 from .push import file_digest, push_blob, push_manifest
 from .tree import MergedTree, TreeError
 
@@ -159,7 +160,8 @@ def index_image(ref: str | Reference, options: PullOptions | None = None, *,
         empty = push_blob(client, repo, EMPTY_CONFIG)
         subject = {"mediaType": resolved.manifest.media_type, "digest": resolved.manifest.digest,
                    "size": len(resolved.manifest.raw)}
-        annotations = {"io.sandbox-agent.lazy.chunk-size": str(chunk_size)}
+        annotations = {"io.sandbox-agent.lazy.chunk-size": str(chunk_size), META_DIGEST_ANNOTATION: meta_digest,
+                       META_SIZE_ANNOTATION: str(len(meta_bytes))}
         doc = {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "artifactType": ARTIFACT_TYPE,
                "config": {"mediaType": mt.OCI_EMPTY, "digest": empty, "size": len(EMPTY_CONFIG)},
                "layers": [{"mediaType": META_MEDIA_TYPE, "digest": meta_digest, "size": len(meta_bytes)}]

@@ -33,7 +33,8 @@ log = logging.getLogger("puller.lazy")
 def drop_privileges() -> None:
     """Once the file system is mounted the daemon needs no capability: it reads and writes
     root-owned files as their owner, and unmounting is the remover's job.  So a bug reachable
-    from registry data or FUSE requests runs without CAP_SYS_ADMIN and friends."""
+    from registry data or FUSE requests runs without CAP_SYS_ADMIN and friends.  Capability
+    sets belong to a thread: this drops the calling thread's (and those it starts later)."""
     import ctypes
 
     if os.geteuid() != 0:
@@ -113,6 +114,17 @@ def main(argv: list[str] | None = None) -> int:
             prefetch = [line.strip() for line in f if line.strip()]
     entry = _entrypoint_chunks(store, record, meta)
     early = entry + chunks_of(meta, prefetch)
+    # Fetching starts now, before the mount: the entrypoint's program first (every run execs
+    # it), then the recorded prefetch list.  The requests wait on the network and the registry
+    # and their hashing and writing release the interpreter, so they overlap the mount, the
+    # overlay above it and the container's start instead of following them.  Without a
+    # recorded list the entrypoint's neighbours in the blob come along, as they would with a
+    # read miss at its end.  (Capabilities are a thread's own: the thread drops them first,
+    # and the threads it starts inherit that; the main thread drops its own after mounting.)
+    around = fs.read_around(entry[-1]) if entry and not prefetch else []
+    prefetcher = threading.Thread(target=_fetch_early, args=(fetcher, early, stats),
+                                  kwargs={"around": around}, daemon=True, name="prefetch")
+    prefetcher.start()
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
     options |= {"fsname=puller-lazy", "subtype=puller-lazy", "ro", "allow_other", "default_permissions"}
@@ -122,15 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.ready_fd is not None:
         os.write(a.ready_fd, b"ready\n")
         os.close(a.ready_fd)
-    # Fetching starts now, while the overlay above the mount and the container's start are
-    # still under way: the entrypoint's program first (every run execs it), then the recorded
-    # prefetch list.  (Not before the ready signal: on a busy machine the fetch thread would
-    # compete with the mount for the interpreter and delay it.)  Without a recorded list the
-    # entrypoint's neighbours in the blob come along, as they would with a read miss at its end.
-    around = fs.read_around(entry[-1]) if entry and not prefetch else []
-    prefetcher = threading.Thread(target=_fetch_early, args=(fetcher, early, stats),
-                                  kwargs={"around": around}, daemon=True, name="prefetch")
-    prefetcher.start()
     try:
         trio.run(_serve_until_unmounted, fs, prefetcher, a.whole, stats)
     finally:
@@ -183,7 +186,9 @@ def _entrypoint_chunks(store: Store, record: dict, meta: Meta) -> list[int]:
 def _fetch_early(fetcher: ChunkFetcher, ids: list[int], stats: _StatsWriter, batch: int = 8,
                  around: list[int] | tuple = ()) -> None:
     """Prefetch in batches (so reads are not starved of request slots); failures surface
-    again, as EIO, on the read that needs the chunk.  `around` rides with the first batch."""
+    again, as EIO, on the read that needs the chunk.  `around` rides with the first batch.
+    Runs in a thread started before the mount, which first drops its capabilities."""
+    drop_privileges()
     ids = list(dict.fromkeys(ids))
     failed = 0
     for k in range(0, len(ids), batch):

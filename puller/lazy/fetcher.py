@@ -13,7 +13,7 @@ import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 from ..errors import PullError
 from ..registry import RegistryClient
@@ -147,34 +147,40 @@ class ChunkFetcher:
         self._ahead.submit(run)
 
     def _fetch_run(self, run: list[Chunk]) -> None:
-        """One range request for `run`; each chunk is verified and published as soon as its
-        bytes have arrived, so the reader of the first chunk does not wait for the whole range
-        (which is what makes large read-around requests cheap for the reader)."""
+        """One range request for `run`; each chunk is read into a buffer of its own, verified
+        and published as soon as its bytes have arrived, so the reader of the first chunk does
+        not wait for the whole range (which is what makes large read-around requests cheap for
+        the reader).  Chunks of one run never overlap (plan_ranges)."""
         blob_digest = self.meta.blobs[run[0].blob][0]
         start = run[0].offset
         end = max(c.offset + c.stored for c in run)
         pending = deque(sorted(run, key=lambda c: c.offset))
+        got = 0
         try:
             with self._slots:
-                buf = bytearray()
-                buf_start = start
-                for part in self._range_parts(blob_digest, start, end):
-                    buf += part
-                    buf_end = buf_start + len(buf)
-                    while pending and pending[0].offset + pending[0].stored <= buf_end:
-                        c = pending.popleft()
-                        lo = c.offset - buf_start
-                        self._publish(c, bytes(buf[lo:lo + c.stored]), blob_digest)
-                    keep = pending[0].offset if pending else buf_end
-                    if keep > buf_start:  # bytes before the next chunk wanted are done with
-                        del buf[:keep - buf_start]
-                        buf_start = keep
+                with self.client.open_range(self.repository, blob_digest, start, end,
+                                            f"range {start}-{end - 1} of blob {self.repository}@{blob_digest}") as body:
+                    pos = start
+                    while pending:
+                        c = pending[0]
+                        if c.offset > pos:  # a gap merged into the request: read and drop
+                            got += _read_exactly(body, bytearray(c.offset - pos), end - start, got)
+                        buf = bytearray(c.stored)
+                        got += _read_exactly(body, buf, end - start, got)
+                        pos = c.offset + c.stored
+                        pending.popleft()
+                        self._publish(c, buf, blob_digest)
+                    if body.readinto(bytearray(1)):
+                        raise ChunkError(f"registry sent more than the {end - start} bytes asked for")
+                self.stats.add(requests=1, nbytes=got)
         except Exception as exc:  # noqa: BLE001 - every waiter must be woken with the reason
             msg = (f"lazy: fetching {len(run)} chunk(s) of blob {blob_digest} from {self.client.host} "
                    f"failed: {exc}")
             log.error("%s", msg)
             for c in pending:
                 self._fail(c, msg)
+            if got:
+                self.stats.add(requests=1, nbytes=got)
         if self.on_run_done is not None:
             self.on_run_done()
 
@@ -205,27 +211,20 @@ class ChunkFetcher:
         if ev is not None:
             ev.set()
 
-    def _range_parts(self, blob_digest: str, start: int, end: int) -> Iterator[bytes]:
-        """The bytes of [start, end) of the blob as they arrive; ChunkError when the registry
-        sends more or fewer than asked for (chunks completed before that were verified and stay)."""
-        resp = self.client.request(
-            "GET", f"{self.repository}/blobs/{blob_digest}", stream=True, ok=(206,),
-            headers={"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"},
-            what=f"range {start}-{end - 1} of blob {self.repository}@{blob_digest}")
-        want = end - start
-        got = 0
-        with resp:
-            for part in resp.iter_content(256 << 10):
-                got += len(part)
-                if got > want:
-                    raise ChunkError(f"registry sent more than the {want} bytes asked for")
-                yield part
-        self.stats.add(requests=1, nbytes=got)
-        if got != want:
-            raise ChunkError(f"registry sent {got} of the {want} bytes asked for")
-
     def close(self) -> None:
         self._ahead.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._fg.shutdown(wait=True, cancel_futures=True)
         self.client.close()
+
+
+def _read_exactly(body, buf: bytearray, want: int, got: int) -> int:
+    """Fill `buf` from `body`; ChunkError naming the shortfall when the answer ends early."""
+    view = memoryview(buf)
+    n = 0
+    while n < len(buf):
+        k = body.readinto(view[n:])
+        if not k:
+            raise ChunkError(f"registry sent {got + n} of the {want} bytes asked for")
+        n += k
+    return n

@@ -24,6 +24,10 @@ from ..errors import InvalidDigest, ManifestError
 ARTIFACT_TYPE = "application/vnd.sandbox-agent.lazy.v1"
 META_MEDIA_TYPE = "application/vnd.sandbox-agent.lazy.meta.v1+json+zstd"
 DATA_MEDIA_TYPE = "application/vnd.sandbox-agent.lazy.chunks.v1"
+# Annotations of the artifact (copied into referrers entries) naming its metadata blob, so a
+# puller can fetch the metadata side by side with the artifact manifest.
+META_DIGEST_ANNOTATION = "io.sandbox-agent.lazy.meta"
+META_SIZE_ANNOTATION = "io.sandbox-agent.lazy.meta-size"
 FORMAT_VERSION = 1
 MAX_META_BYTES = 512 << 20  # uncompressed metadata JSON
 KINDS = ("reg", "dir", "lnk", "chr", "blk", "fifo")
