@@ -78,6 +78,7 @@ class ChunkFetcher:
         # read-around requests a reader does not wait for to the end (ensure with `extra`)
         self._fg = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="chunk-fg")
         self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-ahead")
+        self._check_pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="chunk-check")
         self._ahead_pending = threading.Semaphore(2)  # at most two windows queued ahead
         self._lock = threading.Lock()
         self._inflight: dict[str, threading.Event] = {}
@@ -156,6 +157,7 @@ class ChunkFetcher:
         end = max(c.offset + c.stored for c in run)
         pending = deque(sorted(run, key=lambda c: c.offset))
         got = 0
+        checks = []
         try:
             with self._slots:
                 with self.client.open_range(self.repository, blob_digest, start, end,
@@ -169,7 +171,9 @@ class ChunkFetcher:
                         got += _read_exactly(body, buf, end - start, got)
                         pos = c.offset + c.stored
                         pending.popleft()
-                        self._publish(c, buf, blob_digest)
+                        # Checked and written by a second stage while this one receives the
+                        # next chunk (hashing, decompressing and writing release the GIL).
+                        checks.append(self._check_pool.submit(self._publish, c, buf, blob_digest))
                     if body.readinto(bytearray(1)):
                         raise ChunkError(f"registry sent more than the {end - start} bytes asked for")
                 self.stats.add(requests=1, nbytes=got)
@@ -181,6 +185,8 @@ class ChunkFetcher:
                 self._fail(c, msg)
             if got:
                 self.stats.add(requests=1, nbytes=got)
+        for f in checks:
+            f.result()
         if self.on_run_done is not None:
             self.on_run_done()
 
@@ -193,7 +199,13 @@ class ChunkFetcher:
             log.error("%s", msg)
             self._fail(c, msg)
             return
-        self.cache.put(c.digest, plain)
+        try:
+            self.cache.put(c.digest, plain)
+        except OSError as exc:
+            msg = f"lazy: cannot write chunk {c.digest} to the cache: {exc}"
+            log.error("%s", msg)
+            self._fail(c, msg)
+            return
         self.stats.add(chunks=1)
         self._done(c)
 
@@ -215,6 +227,7 @@ class ChunkFetcher:
         self._ahead.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._fg.shutdown(wait=True, cancel_futures=True)
+        self._check_pool.shutdown(wait=True)
         self.client.close()
 
 
