@@ -231,9 +231,15 @@ def _start_daemon(store: Store, ref: str, sdir: Path, *, whole: bool, prefetch: 
 
 
 def _fork_daemon(argv: list[str], log: Path, r: int, w: int) -> int:
+    import gc
+
     from . import daemon  # imported before the fork: the child must not pay for it
+    # The child's collections would otherwise walk (and so copy, page by page) every object
+    # it inherited; frozen, they are left alone.
+    gc.freeze()
     pid = os.fork()
     if pid:
+        gc.unfreeze()
         return pid
     code = 1
     try:
