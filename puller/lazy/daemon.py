@@ -78,7 +78,7 @@ class _StatsWriter:
         os.replace(tmp, self.path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m puller.lazy.daemon")
     p.add_argument("--store", required=True)
     p.add_argument("--ref", required=True)
@@ -92,10 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=4)
     p.add_argument("--amplify", type=int, default=AMPLIFY,
                    help="bytes of the chunks following a missed file end fetched along with it")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return serve(parse_args(argv))
+
+
+def serve(a: argparse.Namespace) -> int:
+    """Mount and serve until unmounted (`a` as parse_args makes it)."""
+    # A fetch thread woken by its socket waits for the interpreter until the thread holding it
+    # lets go, by default after up to 5 ms: a read blocked on that chunk waits too.
+    sys.setswitchinterval(0.0005)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s",
                         force=True)
-    store = Store(a.store)
+    store = Store(a.store, create=False)
     record = store.get_image(a.ref)
     if record is None or not record.get("lazy"):
         print(f"error: {a.ref!r} is not a lazily pulled image in {a.store}", file=sys.stderr)

@@ -165,10 +165,14 @@ def make_lazy_snapshot(store: Store, ref: str, dest: str | os.PathLike, *, snaps
             created = True
         for sub in ("lower", "upper", "work"):
             (sdir / sub).mkdir()
-        pid = _start_daemon(store, ref, sdir, whole=whole, prefetch=prefetch, record=record, timeout=timeout,
-                            fork=fork, amplify=amplify)
-        snap = LazySnapshot(sid, dest, ref, pid, store, created, _start_time(pid))
-        store.put_snapshot_record(sid, snap.record())
+        def started(pid: int) -> None:
+            # Recorded (for the remover) while the daemon starts, not after.
+            nonlocal snap
+            snap = LazySnapshot(sid, dest, ref, pid, store, created, _start_time(pid))
+            store.put_snapshot_record(sid, snap.record())
+
+        _start_daemon(store, ref, sdir, whole=whole, prefetch=prefetch, record=record, timeout=timeout,
+                      fork=fork, amplify=amplify, started=started)
         fsutil.mount("overlay", str(dest), "overlay", 0,
                      f"lowerdir={sdir / 'lower'},upperdir={sdir / 'upper'},workdir={sdir / 'work'}")
         # After the overlay mount the FUSE handshake is surely done (it sets the window too).
@@ -186,7 +190,8 @@ def make_lazy_snapshot(store: Store, ref: str, dest: str | os.PathLike, *, snaps
 
 def _start_daemon(store: Store, ref: str, sdir: Path, *, whole: bool, prefetch: str | None,
                   record: str | None, timeout: float | None, fork: bool = False,
-                  amplify: int | None = None) -> int:
+                  amplify: int | None = None, started=None) -> int:
+    """Start the daemon and wait for it to serve; `started(pid)` is called in between."""
     r, w = os.pipe()
     cmd = ["--store", str(store.root), "--ref", ref,
            "--mountpoint", str(sdir / "lower"), "--ready-fd", str(w), "--stats", str(sdir / "stats.json")]
@@ -213,6 +218,8 @@ def _start_daemon(store: Store, ref: str, sdir: Path, *, whole: bool, prefetch: 
         pid = proc.pid
     os.close(w)
     try:
+        if started is not None:
+            started(pid)
         ready, _, _ = select.select([r], [], [], READY_TIMEOUT)
         line = os.read(r, 64) if ready else b""
     finally:
@@ -234,6 +241,7 @@ def _fork_daemon(argv: list[str], log: Path, r: int, w: int) -> int:
     import gc
 
     from . import daemon  # imported before the fork: the child must not pay for it
+    args = daemon.parse_args(argv)
     # The child's collections would otherwise walk (and so copy, page by page) every object
     # it inherited; frozen, they are left alone.
     gc.freeze()
@@ -250,7 +258,7 @@ def _fork_daemon(argv: list[str], log: Path, r: int, w: int) -> int:
         os.dup2(null, 0)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
-        code = daemon.main(argv)
+        code = daemon.serve(args)
     except BaseException:  # noqa: BLE001 - the child must never return into the caller's code
         import traceback
         traceback.print_exc()
