@@ -11,10 +11,12 @@ trusted until both readers have reached end of stream and checked their digest.
 from __future__ import annotations
 
 import io
+import sys
 import threading
-from typing import BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable
 
-import requests
+if TYPE_CHECKING:
+    import requests
 
 from .digest import parse_digest
 from .errors import AnswerTooLarge, VerificationError
@@ -25,6 +27,13 @@ try:  # isal's igzip is 2-4x faster than zlib and decompresses in its own thread
     from isal import igzip_threaded as _igzip_threaded
 except ImportError:  # pragma: no cover - isal is a dependency, zlib is the fallback
     _igzip_threaded = None
+
+
+def _is_response(obj: object) -> bool:
+    """isinstance(obj, requests.Response) without importing requests (if it was never
+    imported, obj is none of its responses)."""
+    mod = sys.modules.get("requests")
+    return mod is not None and isinstance(obj, mod.Response)
 
 
 class BlobReader(io.RawIOBase):
@@ -43,8 +52,8 @@ class BlobReader(io.RawIOBase):
         self._resume = resume
         self._resume_deadline = resume_deadline
         self.resumes = 0
-        self._resp = source if isinstance(source, requests.Response) else None
-        self._raw = source.raw if isinstance(source, requests.Response) else source
+        self._resp = source if _is_response(source) else None
+        self._raw = source.raw if self._resp is not None else source
         self._digest = parse_digest(digest, what=what)
         self._hash = self._digest.hasher()
         self.size = size

@@ -14,13 +14,15 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import oras.provider
-import requests
-import requests.adapters
+if TYPE_CHECKING:
+    import requests
+
 
 from .auth import Credentials, credentials_from_docker_config, parse_challenge
 from .digest import validate_digest
@@ -54,17 +56,21 @@ class RegistryOptions:
         return None
 
 
-class _TimeoutAdapter(requests.adapters.HTTPAdapter):
-    """Gives requests made inside oras (token fetches) a socket timeout too."""
+def _timeout_adapter(timeout: tuple[float, float]):
+    """A requests adapter that gives requests made inside oras (token fetches) a socket
+    timeout too."""
+    import requests.adapters
 
-    def __init__(self, timeout: tuple[float, float]) -> None:
-        super().__init__(max_retries=0, pool_maxsize=16)
-        self._timeout = timeout
+    class TimeoutAdapter(requests.adapters.HTTPAdapter):
+        def __init__(self) -> None:
+            super().__init__(max_retries=0, pool_maxsize=16)
 
-    def send(self, request, **kwargs):  # type: ignore[override]
-        if kwargs.get("timeout") is None:
-            kwargs["timeout"] = self._timeout
-        return super().send(request, **kwargs)
+        def send(self, request, **kwargs):  # type: ignore[override]
+            if kwargs.get("timeout") is None:
+                kwargs["timeout"] = timeout
+            return super().send(request, **kwargs)
+
+    return TimeoutAdapter()
 
 
 @dataclass
@@ -136,29 +142,46 @@ class RangeReader:
 
 
 class RegistryClient:
-    """Talks to one registry host; thread-safe for concurrent blob downloads."""
+    """Talks to one registry host; thread-safe for concurrent blob downloads.
+
+    requests and oras (about 0.13 s of imports) are loaded on the first request the lean
+    path cannot make: a lazy start's daemon usually never needs them."""
 
     def __init__(self, host: str, options: RegistryOptions | None = None) -> None:
         self.host = host
         self.options = options or RegistryOptions()
-        plain = host in self.options.plain_http
-        tls_verify: bool | str = self.options.ca_file or True
-        self._oras = oras.provider.Registry(hostname=host, insecure=plain, tls_verify=tls_verify)
-        self.session: requests.Session = self._oras.session
-        self.session.headers["User-Agent"] = self.options.user_agent
-        adapter = _TimeoutAdapter((self.options.connect_timeout, self.options.read_timeout))
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        self._verify = tls_verify
+        self._plain = plain = host in self.options.plain_http
+        self._verify: bool | str = self.options.ca_file or True
         self.base = f"{'http' if plain else 'https'}://{host}/v2/"
         self._creds = self.options.credentials_for(host)
-        if self._creds is not None:
-            self._oras.auth.set_basic_auth(self._creds.username, self._creds.password)
         self._auth_header: dict[str, str] = {}
+        self._oras_registry = None
+        self._session_lock = threading.Lock()
         self._fast = ConnectionPool(FastPathConfig(
             host, tls=not plain, ca_file=self.options.ca_file, connect_timeout=self.options.connect_timeout,
             read_timeout=min(self.options.read_timeout, self.options.timeout), user_agent=self.options.user_agent))
         self._fast_blobs = True  # False once a blob GET was redirected (blobs then live elsewhere)
+
+    @property
+    def _oras(self):
+        """oras-py's Registry: the requests session and the token-auth backend."""
+        if self._oras_registry is None:
+            with self._session_lock:
+                if self._oras_registry is None:
+                    import oras.provider
+                    reg = oras.provider.Registry(hostname=self.host, insecure=self._plain, tls_verify=self._verify)
+                    reg.session.headers["User-Agent"] = self.options.user_agent
+                    adapter = _timeout_adapter((self.options.connect_timeout, self.options.read_timeout))
+                    reg.session.mount("http://", adapter)
+                    reg.session.mount("https://", adapter)
+                    if self._creds is not None:
+                        reg.auth.set_basic_auth(self._creds.username, self._creds.password)
+                    self._oras_registry = reg
+        return self._oras_registry
+
+    @property
+    def session(self) -> requests.Session:
+        return self._oras.session
 
     # -- fast path ------------------------------------------------------------
     def _fast_get(self, path: str, headers: dict[str, str], ok: tuple[int, ...], what: str) -> FastResponse | None:
@@ -256,6 +279,7 @@ class RegistryClient:
         what: str = "",
     ) -> requests.Response:
         """One API request with bounded retries; raises on a non-`ok` status."""
+        import requests
         url = path if path.startswith(("http://", "https://")) else self.base + path
         what = what or f"{method} {url}"
         deadline = time.monotonic() + self.options.timeout
@@ -343,7 +367,7 @@ class RegistryClient:
         """The referrers API answer (an image index) or None if not supported."""
         digest = validate_digest(digest, what="subject digest")
         path = f"{repository}/referrers/{digest}"
-        params = f"?artifactType={requests.utils.quote(artifact_type, safe='')}" if artifact_type else ""
+        params = f"?artifactType={urllib.parse.quote(artifact_type, safe='')}" if artifact_type else ""
         try:
             answer = self.get_small(path + params, headers={"Accept": "application/vnd.oci.image.index.v1+json"},
                                     cap=MAX_MANIFEST_BYTES, what=f"referrers of {repository}@{digest}")
@@ -361,7 +385,8 @@ class RegistryClient:
 
     def close(self) -> None:
         self._fast.close()
-        self.session.close()
+        if self._oras_registry is not None:
+            self._oras_registry.session.close()
 
 
 def _read_capped(resp: requests.Response, cap: int, what: str) -> bytes:
