@@ -1,0 +1,116 @@
+"""What makes a lazy start quick, checked for behaviour: the metadata fetched beside the
+artifact manifest only when the artifact names it, the lean HTTP path (no requests/oras on a
+plain lazy start), the mount's read-ahead, and the chunk cache's size-bounded gc."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from puller.lazy.convert import add_referrers_tag, index_image
+from puller.lazy.format import META_DIGEST_ANNOTATION, META_SIZE_ANNOTATION
+from puller.lazy.locate import load_record_meta, pull_lazy
+from puller.pull import PullOptions
+from puller.registry import RegistryClient, RegistryOptions
+from puller.store import Store
+
+CHUNK = 64 << 10
+REPO_ROOT = Path(__file__).parents[2]
+
+
+def opts(reg) -> PullOptions:
+    return PullOptions(registry=RegistryOptions(plain_http=frozenset({reg.host}), timeout=10.0))
+
+
+@pytest.fixture(scope="module")
+def small_image(registry, pusher, kit, tmp_path_factory):
+    root = kit.busybox_tree(tmp_path_factory.mktemp("start") / "root")
+    (root / "data").mkdir()
+    for i in range(3):
+        (root / "data" / f"f{i}").write_bytes(os.urandom(3 * CHUNK + i))
+    img = pusher.image("lazy/start", "v1", [kit.Layer(kit.tar_dir(root), "gzip")],
+                       config={"Entrypoint": ["/bin/sh"], "Env": ["PATH=/bin"]})
+    ref = f"{registry.host}/lazy/start:v1"
+    return ref, img, index_image(ref, opts(registry), chunk_size=CHUNK)
+
+
+def _tag_index(registry, subject: str) -> dict:
+    client = RegistryClient(registry.host, RegistryOptions(plain_http=frozenset({registry.host})))
+    answer = client.get_small(f"lazy/start/manifests/{subject.replace(':', '-')}", cap=1 << 20, what="tag index",
+                              headers={"Accept": "application/vnd.oci.image.index.v1+json"})
+    return json.loads(answer.body)
+
+
+def _announce(registry, subject: str, entry: dict, digest: str, size: int) -> None:
+    client = RegistryClient(registry.host, RegistryOptions(plain_http=frozenset({registry.host})))
+    ann = {**entry["annotations"], META_DIGEST_ANNOTATION: digest, META_SIZE_ANNOTATION: str(size)}
+    add_referrers_tag(client, "lazy/start", subject, {**entry, "annotations": ann})
+
+
+def test_metadata_is_announced_and_used_only_when_the_artifact_names_it(registry, small_image, tmp_path):
+    ref, img, result = small_image
+    entry = next(e for e in _tag_index(registry, img.digest)["manifests"] if e["digest"] == result.artifact_digest)
+    assert entry["annotations"][META_DIGEST_ANNOTATION] == result.meta_digest
+    assert entry["annotations"][META_SIZE_ANNOTATION] == str(result.meta_bytes)
+    rec = pull_lazy(ref, Store(str(tmp_path / "s0")), opts(registry))
+    assert rec["lazy"]["meta"] == result.meta_digest
+    try:
+        # A referrers entry announcing another blob (here the image layer, which exists and
+        # verifies against its own digest) or one that does not exist: the artifact manifest
+        # decides, and its metadata is what the pull records.
+        for i, (digest, size) in enumerate([(img.descriptors[0]["digest"], img.descriptors[0]["size"]),
+                                            ("sha256:" + "0" * 64, 100)]):
+            _announce(registry, img.digest, entry, digest, size)
+            store = Store(str(tmp_path / f"s{i + 1}"))
+            rec = pull_lazy(ref, store, opts(registry))
+            assert rec["lazy"]["meta"] == result.meta_digest
+            assert len(load_record_meta(store, rec).chunks) == result.chunks
+            assert not store.has_blob(digest)
+    finally:
+        client = RegistryClient(registry.host, RegistryOptions(plain_http=frozenset({registry.host})))
+        add_referrers_tag(client, "lazy/start", img.digest, entry)
+
+
+def test_plain_lazy_start_needs_neither_requests_nor_oras(registry, small_image, tmp_path):
+    """The lean HTTP path serves pull --lazy and the daemon's imports: requests and oras (a
+    tenth of a second of imports) stay unloaded unless a request needs them."""
+    ref, _, result = small_image
+    code = f"""
+import sys
+from puller.lazy.locate import pull_lazy, load_record_meta
+from puller.lazy import daemon, mount
+from puller.lazy.cache import ChunkCache
+from puller.lazy.fetcher import ChunkFetcher
+from puller.pull import PullOptions
+from puller.registry import RegistryClient, RegistryOptions
+from puller.store import Store
+host = {registry.host!r}
+store = Store({str(tmp_path / 's')!r})
+rec = pull_lazy({ref!r}, store, PullOptions(registry=RegistryOptions(plain_http=frozenset({{host}}))))
+meta = load_record_meta(store, rec)
+client = RegistryClient(host, RegistryOptions(plain_http=frozenset({{host}})))
+fetcher = ChunkFetcher(client, "lazy/start", meta, ChunkCache({str(tmp_path / 'c')!r}))
+fetcher.ensure(list(range(len(meta.chunks))))
+fetcher.close()
+print(rec["lazy"]["meta"], fetcher.stats.chunks, "requests" in sys.modules, "oras" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [result.meta_digest, str(result.chunks), "False", "False"]
+
+
+def test_mount_reads_ahead_a_chunk(registry, small_image, tmp_path, lazy_snapshots):
+    from puller.lazy.mount import READAHEAD_KB
+    ref, _, _ = small_image
+    store = Store(str(tmp_path / "store"))
+    pull_lazy(ref, store, opts(registry))
+    snap = lazy_snapshots(store, ref, tmp_path / "root")
+    lower = os.path.realpath(snap.lower)
+    devs = [line.split()[2] for line in open("/proc/self/mountinfo") if line.split()[4] == lower]
+    assert len(devs) == 1
+    assert int(Path(f"/sys/class/bdi/{devs[0]}/read_ahead_kb").read_text()) == READAHEAD_KB
+    assert (tmp_path / "root/data/f2").stat().st_size == 3 * CHUNK + 2
