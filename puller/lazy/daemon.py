@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import _thread
 import threading
 
 import pyfuse3
@@ -133,9 +134,10 @@ def serve(a: argparse.Namespace) -> int:
     # read miss at its end.  (Capabilities are a thread's own: the thread drops them first,
     # and the threads it starts inherit that; the main thread drops its own after mounting.)
     around = fs.read_around(entry[-1]) if entry and not prefetch else []
-    prefetcher = threading.Thread(target=_fetch_early, args=(fetcher, early, stats),
-                                  kwargs={"around": around}, daemon=True, name="prefetch")
-    prefetcher.start()
+    # (_thread, not threading: Thread.start() waits until the new thread runs, which on a busy
+    # machine can hold up the mount by milliseconds.)
+    prefetched = threading.Event()
+    _thread.start_new_thread(_fetch_early, (fetcher, early, stats), {"around": around, "done": prefetched})
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
     options |= {"fsname=puller-lazy", "subtype=puller-lazy", "ro", "allow_other", "default_permissions"}
@@ -146,7 +148,7 @@ def serve(a: argparse.Namespace) -> int:
         os.write(a.ready_fd, b"ready\n")
         os.close(a.ready_fd)
     try:
-        trio.run(_serve_until_unmounted, fs, prefetcher, a.whole, stats)
+        trio.run(_serve_until_unmounted, fs, prefetched, a.whole, stats)
     finally:
         # Without capabilities the unmount here fails unless the mount is already gone
         # (fusermount3 -u by the remover, the usual way out); the remover falls back to umount -l.
@@ -157,11 +159,11 @@ def serve(a: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve_until_unmounted(fs: LazyFS, prefetcher: threading.Thread, whole: bool,
+async def _serve_until_unmounted(fs: LazyFS, prefetched: threading.Event, whole: bool,
                                  stats: _StatsWriter) -> None:
     async with trio.open_nursery() as nursery:
         async def background() -> None:
-            await trio.to_thread.run_sync(prefetcher.join, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(prefetched.wait, abandon_on_cancel=True)
             if whole:
                 await fetch_in_background(fs, list(range(len(fs.meta.chunks))), "whole-image fetch")
             stats(force=True)
@@ -195,11 +197,22 @@ def _entrypoint_chunks(store: Store, record: dict, meta: Meta) -> list[int]:
 
 
 def _fetch_early(fetcher: ChunkFetcher, ids: list[int], stats: _StatsWriter, batch: int = 8,
-                 around: list[int] | tuple = ()) -> None:
+                 around: list[int] | tuple = (), done: threading.Event | None = None) -> None:
     """Prefetch in batches (so reads are not starved of request slots); failures surface
     again, as EIO, on the read that needs the chunk.  `around` rides with the first batch.
     Runs in a thread started before the mount, which first drops its capabilities."""
-    drop_privileges()
+    try:
+        drop_privileges()
+        _fetch_batches(fetcher, ids, stats, batch, around)
+    except BaseException:  # noqa: BLE001 - a bare thread: say what happened, never die silently
+        log.exception("lazy: early prefetch failed")
+    finally:
+        if done is not None:
+            done.set()
+
+
+def _fetch_batches(fetcher: ChunkFetcher, ids: list[int], stats: _StatsWriter, batch: int,
+                   around: list[int] | tuple) -> None:
     ids = list(dict.fromkeys(ids))
     failed = 0
     for k in range(0, len(ids), batch):
