@@ -165,14 +165,26 @@ def make_lazy_snapshot(store: Store, ref: str, dest: str | os.PathLike, *, snaps
             created = True
         for sub in ("lower", "upper", "work"):
             (sdir / sub).mkdir()
-        def started(pid: int) -> None:
-            # Recorded (for the remover) while the daemon starts, not after.
-            nonlocal snap
-            snap = LazySnapshot(sid, dest, ref, pid, store, created, _start_time(pid))
-            store.put_snapshot_record(sid, snap.record())
+        # The chunk cache's gc must count this snapshot's chunks as in use before its daemon
+        # can look at the cache: the gc lock's shared side is held until the record exists.
+        pin: int | None = _pin(store)
 
-        _start_daemon(store, ref, sdir, whole=whole, prefetch=prefetch, record=record, timeout=timeout,
-                      fork=fork, amplify=amplify, started=started)
+        def started(pid: int) -> None:
+            # Recorded (for the remover and the chunk gc) while the daemon starts, not after.
+            nonlocal snap, pin
+            try:
+                snap = LazySnapshot(sid, dest, ref, pid, store, created, _start_time(pid))
+                store.put_snapshot_record(sid, snap.record())
+            finally:
+                os.close(pin)
+                pin = None
+
+        try:
+            _start_daemon(store, ref, sdir, whole=whole, prefetch=prefetch, record=record, timeout=timeout,
+                          fork=fork, amplify=amplify, started=started, pin=pin)
+        finally:
+            if pin is not None:
+                os.close(pin)
         fsutil.mount("overlay", str(dest), "overlay", 0,
                      f"lowerdir={sdir / 'lower'},upperdir={sdir / 'upper'},workdir={sdir / 'work'}")
         # After the overlay mount the FUSE handshake is surely done (it sets the window too).
@@ -190,8 +202,9 @@ def make_lazy_snapshot(store: Store, ref: str, dest: str | os.PathLike, *, snaps
 
 def _start_daemon(store: Store, ref: str, sdir: Path, *, whole: bool, prefetch: str | None,
                   record: str | None, timeout: float | None, fork: bool = False,
-                  amplify: int | None = None, started=None) -> int:
-    """Start the daemon and wait for it to serve; `started(pid)` is called in between."""
+                  amplify: int | None = None, started=None, pin: int | None = None) -> int:
+    """Start the daemon and wait for it to serve; `started(pid)` is called in between.  A
+    forked daemon closes its copy of the fd `pin` first thing."""
     r, w = os.pipe()
     cmd = ["--store", str(store.root), "--ref", ref,
            "--mountpoint", str(sdir / "lower"), "--ready-fd", str(w), "--stats", str(sdir / "stats.json")]
@@ -206,7 +219,7 @@ def _start_daemon(store: Store, ref: str, sdir: Path, *, whole: bool, prefetch: 
     if amplify is not None:
         cmd += ["--amplify", str(amplify)]
     if fork:
-        pid = _fork_daemon(cmd, sdir / "daemon.log", r, w)
+        pid = _fork_daemon(cmd, sdir / "daemon.log", r, w, pin)
         proc = None
     else:
         env = dict(os.environ)
@@ -237,7 +250,20 @@ def _start_daemon(store: Store, ref: str, sdir: Path, *, whole: bool, prefetch: 
     raise SnapshotError(f"lazy file system for {ref} did not start: {tail}")
 
 
-def _fork_daemon(argv: list[str], log: Path, r: int, w: int) -> int:
+def _pin(store: Store) -> int:
+    """An fd holding the shared side of the store's gc lock (what Store.pin() holds), for a
+    caller that forks: the child closes its copy, and the lock goes with the parent's."""
+    import fcntl
+    fd = os.open(store._lock_path("gc"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _fork_daemon(argv: list[str], log: Path, r: int, w: int, pin: int | None = None) -> int:
     import gc
 
     from . import daemon  # imported before the fork: the child must not pay for it
@@ -253,6 +279,8 @@ def _fork_daemon(argv: list[str], log: Path, r: int, w: int) -> int:
     try:
         os.setsid()
         os.close(r)
+        if pin is not None:
+            os.close(pin)
         fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)

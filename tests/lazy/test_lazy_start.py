@@ -3,10 +3,12 @@ artifact manifest only when the artifact names it, the lean HTTP path (no reques
 plain lazy start), the mount's read-ahead, and the chunk cache's size-bounded gc."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,56 @@ def test_mount_reads_ahead_a_chunk(registry, small_image, tmp_path, lazy_snapsho
     assert len(devs) == 1
     assert int(Path(f"/sys/class/bdi/{devs[0]}/read_ahead_kb").read_text()) == READAHEAD_KB
     assert (tmp_path / "root/data/f2").stat().st_size == 3 * CHUNK + 2
+
+
+def test_chunk_cache_gc_is_bounded_and_spares_chunks_in_use(registry, pusher, kit, small_image, tmp_path,
+                                                            lazy_snapshots):
+    from puller.lazy.cachegc import gc_chunks
+    from puller.lazy.daemon import cache_dir
+    ref_a, _, res_a = small_image
+    root = tmp_path / "b"
+    (root / "data").mkdir(parents=True)
+    (root / "data/g").write_bytes(os.urandom(4 * CHUNK))
+    pusher.image("lazy/start-b", "v1", [kit.Layer(kit.tar_dir(root), "gzip")])
+    ref_b = f"{registry.host}/lazy/start-b:v1"
+    index_image(ref_b, opts(registry), chunk_size=CHUNK)
+    store = Store(str(tmp_path / "store"))
+    for ref in (ref_a, ref_b):
+        pull_lazy(ref, store, opts(registry))
+    cache = Path(cache_dir(store))
+
+    def cached() -> set[str]:
+        return {p.name for p in cache.rglob("*") if p.is_file()}
+
+    def digests(ref: str) -> set[str]:
+        meta = load_record_meta(store, store.get_image(ref))
+        return {c.digest.split(":", 1)[1] for c in meta.chunks}
+
+    snap_b = lazy_snapshots(store, ref_b, tmp_path / "rb", amplify=0)
+    g = (tmp_path / "rb/data/g").read_bytes()
+    snap_b.remove()
+    snap_a = lazy_snapshots(store, ref_a, tmp_path / "ra", amplify=0)
+    f0 = (tmp_path / "ra/data/f0").read_bytes()
+    log = store.snapshot_dir(snap_a.id) / "daemon.log"
+    deadline = time.monotonic() + 10
+    while "early prefetch done" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)  # the entrypoint's chunks, fetched at mount, have all arrived
+    in_a = cached() & digests(ref_a)
+    assert len(in_a) >= 3 and digests(ref_b) <= cached()
+    os.utime(next(cache.rglob(sorted(digests(ref_b))[0])), ns=(0, 0))  # the oldest chunk
+    # A bound with room for all but one chunk of b: the oldest goes, the rest stays.
+    size = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+    # (With a snapshot mounted the gc lock is free: the daemon holds no copy of it.)
+    stats = gc_chunks(store, size - 1, timeout=5)
+    assert stats.removed == 1 and cached() == (in_a | digests(ref_b)) - {sorted(digests(ref_b))[0]}
+    # Bound 0: everything but the chunks of the mounted snapshot's image.
+    stats = gc_chunks(store, 0, timeout=5)
+    assert cached() == in_a and stats.in_use == len(in_a) and stats.kept_bytes > 0
+    assert (tmp_path / "ra/data/f0").read_bytes() == f0  # (page cache aside) still there to read
+    with open(cache / sorted(in_a)[0][:2] / sorted(in_a)[0], "rb") as fh:
+        assert hashlib.sha256(fh.read()).hexdigest() == sorted(in_a)[0]
+    snap_a.remove()
+    assert gc_chunks(store, 0).removed == len(in_a) and cached() == set()  # no snapshot: nothing in use
+    # b's chunks come back from the registry when read again.
+    lazy_snapshots(store, ref_b, tmp_path / "rb2")
+    assert (tmp_path / "rb2/data/g").read_bytes() == g
