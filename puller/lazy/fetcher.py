@@ -170,10 +170,10 @@ class ChunkFetcher:
                         buf = bytearray(c.stored)
                         got += _read_exactly(body, buf, end - start, got)
                         pos = c.offset + c.stored
-                        pending.popleft()
                         # Checked and written by a second stage while this one receives the
                         # next chunk (hashing, decompressing and writing release the GIL).
-                        checks.append(self._check_pool.submit(self._publish, c, buf, blob_digest))
+                        checks.append((c, self._check_pool.submit(self._publish, c, buf, blob_digest)))
+                        pending.popleft()
                     if body.readinto(bytearray(1)):
                         raise ChunkError(f"registry sent more than the {end - start} bytes asked for")
                 self.stats.add(requests=1, nbytes=got)
@@ -185,8 +185,11 @@ class ChunkFetcher:
                 self._fail(c, msg)
             if got:
                 self.stats.add(requests=1, nbytes=got)
-        for f in checks:
-            f.result()
+        for c, f in checks:
+            try:
+                f.result()
+            except Exception as exc:  # noqa: BLE001 - _publish reports its own; anything else too
+                self._fail(c, f"lazy: checking chunk {c.digest} failed: {exc!r}")
         if self.on_run_done is not None:
             self.on_run_done()
 
