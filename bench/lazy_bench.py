@@ -11,13 +11,15 @@ store every time:
          long-lived caller can do), and a fork with the prefetch list a recording run wrote
 
 The entrypoint reads a few MB (busybox and --read-mb MiB of the small files) and prints a
-line.  Also: bytes fetched by the lazy run vs the image's size, and sequential reads of the
+line.  Each lazy line shows the ratio of the medians and the median of each round's own ratio
+(full and lazy runs of a round follow each other, so that one is steadier on a shared
+machine), and per round the phases pull / mount (daemon start + FUSE + overlay) / run.  Also: bytes fetched by the lazy run vs the image's size, and sequential reads of the
 100 MiB file through the lazy mount (cold: from the registry; warm-chunks: a fresh mount on
 a filled chunk cache; warm-page: the same mount again) beside the same read from the full
 pull's overlay snapshot, and skopeo copy + umoci unpack as a reference full pull.
 
 Needs root, docker-registry, /dev/fuse, fusermount3 (and skopeo, umoci for the reference).
-Usage: python bench/lazy_bench.py [--mb 320] [--runs 3] [--read-mb 4]
+Usage: python bench/lazy_bench.py [--mb 320] [--runs 3] [--read-mb 4] [--loopback-only]
 """
 from __future__ import annotations
 
