@@ -15,6 +15,7 @@ import signal
 import sys
 import _thread
 import threading
+from dataclasses import dataclass
 
 import pyfuse3
 import trio
@@ -97,21 +98,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return serve(parse_args(argv))
+    a = parse_args(argv)
+    try:
+        state = prepare(a)
+    except NotLazy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return serve(state)
 
 
-def serve(a: argparse.Namespace) -> int:
-    """Mount and serve until unmounted (`a` as parse_args makes it)."""
-    # A fetch thread woken by its socket waits for the interpreter until the thread holding it
-    # lets go, by default after up to 5 ms: a read blocked on that chunk waits too.
-    sys.setswitchinterval(0.0005)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s",
-                        force=True)
+class NotLazy(Exception):
+    """The reference names no lazily pulled image of the store."""
+
+
+@dataclass
+class Prepared:
+    """Everything the daemon needs before mounting, built without side effects a fork would
+    duplicate (no thread, socket or mount yet): a forking caller builds it before the fork,
+    where it costs less than in the child (whose first touch of each inherited page copies it)."""
+
+    args: argparse.Namespace
+    fs: LazyFS
+    fetcher: ChunkFetcher
+    cache: ChunkCache
+    stats: _StatsWriter
+    early: list[int]
+    around: list[int]
+
+
+def prepare(a: argparse.Namespace) -> Prepared:
     store = Store(a.store, create=False)
     record = store.get_image(a.ref)
     if record is None or not record.get("lazy"):
-        print(f"error: {a.ref!r} is not a lazily pulled image in {a.store}", file=sys.stderr)
-        return 1
+        raise NotLazy(f"{a.ref!r} is not a lazily pulled image in {a.store}")
     meta = load_record_meta(store, record)
     lazy = record["lazy"]
     cache = ChunkCache(cache_dir(store))
@@ -119,25 +138,37 @@ def serve(a: argparse.Namespace) -> int:
     fetcher = ChunkFetcher(client, lazy["repository"], meta, cache, parallel=a.parallel)
     stats = _StatsWriter(a.stats, fetcher)
     fetcher.on_run_done = stats
-    fs = LazyFS(meta, cache, fetcher, amplify=a.amplify, recorder=AccessRecorder(a.record) if a.record else None, on_fetch=stats)
+    fs = LazyFS(meta, cache, fetcher, amplify=a.amplify, recorder=AccessRecorder(a.record) if a.record else None,
+                on_fetch=stats)
     prefetch = []
     if a.prefetch:
         with open(a.prefetch) as f:
             prefetch = [line.strip() for line in f if line.strip()]
     entry = _entrypoint_chunks(store, record, meta)
-    early = entry + chunks_of(meta, prefetch)
+    # Without a recorded list the entrypoint's neighbours in the blob come along, as they
+    # would with a read miss at its end.
+    around = fs.read_around(entry[-1]) if entry and not prefetch else []
+    return Prepared(a, fs, fetcher, cache, stats, entry + chunks_of(meta, prefetch), around)
+
+
+def serve(state: Prepared) -> int:
+    """Mount and serve until unmounted."""
+    a, fs, fetcher, stats = state.args, state.fs, state.fetcher, state.stats
+    # A fetch thread woken by its socket waits for the interpreter until the thread holding it
+    # lets go, by default after up to 5 ms: a read blocked on that chunk waits too.
+    sys.setswitchinterval(0.0005)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s",
+                        force=True)
     # Fetching starts now, before the mount: the entrypoint's program first (every run execs
     # it), then the recorded prefetch list.  The requests wait on the network and the registry
     # and their hashing and writing release the interpreter, so they overlap the mount, the
-    # overlay above it and the container's start instead of following them.  Without a
-    # recorded list the entrypoint's neighbours in the blob come along, as they would with a
-    # read miss at its end.  (Capabilities are a thread's own: the thread drops them first,
-    # and the threads it starts inherit that; the main thread drops its own after mounting.)
-    around = fs.read_around(entry[-1]) if entry and not prefetch else []
-    # (_thread, not threading: Thread.start() waits until the new thread runs, which on a busy
-    # machine can hold up the mount by milliseconds.)
+    # overlay above it and the container's start instead of following them.  (Capabilities
+    # are a thread's own: the thread drops them first, and the threads it starts inherit that;
+    # the main thread drops its own after mounting.)  _thread, not threading: Thread.start()
+    # waits until the new thread runs, which on a busy machine holds up the mount.
     prefetched = threading.Event()
-    _thread.start_new_thread(_fetch_early, (fetcher, early, stats), {"around": around, "done": prefetched})
+    _thread.start_new_thread(_fetch_early, (fetcher, state.early, stats),
+                             {"around": state.around, "done": prefetched})
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
     options |= {"fsname=puller-lazy", "subtype=puller-lazy", "ro", "allow_other", "default_permissions"}
@@ -155,7 +186,7 @@ def serve(a: argparse.Namespace) -> int:
         pyfuse3.close(unmount=True)
         stats(force=True)
         fetcher.close()
-        cache.close()
+        state.cache.close()
     return 0
 
 

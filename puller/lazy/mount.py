@@ -267,7 +267,16 @@ def _fork_daemon(argv: list[str], log: Path, r: int, w: int, pin: int | None = N
     import gc
 
     from . import daemon  # imported before the fork: the child must not pay for it
-    args = daemon.parse_args(argv)
+    try:
+        # Built here rather than in the child, where every first touch of an inherited page
+        # copies it: the same work costs the child two to three times as much.
+        state = daemon.prepare(daemon.parse_args(argv))
+    except BaseException as exc:
+        os.close(r)
+        os.close(w)
+        if isinstance(exc, daemon.NotLazy):
+            raise SnapshotError(str(exc)) from None
+        raise
     # The child's collections would otherwise walk (and so copy, page by page) every object
     # it inherited; frozen, they are left alone.
     gc.freeze()
@@ -286,7 +295,7 @@ def _fork_daemon(argv: list[str], log: Path, r: int, w: int, pin: int | None = N
         os.dup2(null, 0)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
-        code = daemon.serve(args)
+        code = daemon.serve(state)
     except BaseException:  # noqa: BLE001 - the child must never return into the caller's code
         import traceback
         traceback.print_exc()

@@ -169,3 +169,14 @@ def test_chunk_cache_gc_is_bounded_and_spares_chunks_in_use(registry, pusher, ki
     # b's chunks come back from the registry when read again.
     lazy_snapshots(store, ref_b, tmp_path / "rb2")
     assert (tmp_path / "rb2/data/g").read_bytes() == g
+
+
+def test_snapshot_of_an_image_not_pulled_lazily_fails_cleanly(tmp_path, lazy_snapshots):
+    from puller.snapshot import SnapshotError
+    store = Store(str(tmp_path / "store"))
+    fds = set(os.listdir("/proc/self/fd"))
+    for fork in (True, False):
+        with pytest.raises(SnapshotError, match="not a lazily pulled image"):
+            lazy_snapshots(store, "127.0.0.1:1/no/such:v1", tmp_path / "root", fork=fork)
+        assert not (tmp_path / "root").exists() and not list((tmp_path / "store/snapshots").iterdir())
+    assert set(os.listdir("/proc/self/fd")) == fds  # no pipe or lock fd left behind
