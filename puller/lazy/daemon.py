@@ -159,16 +159,6 @@ def serve(state: Prepared) -> int:
     sys.setswitchinterval(0.0005)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s",
                         force=True)
-    # Fetching starts now, before the mount: the entrypoint's program first (every run execs
-    # it), then the recorded prefetch list.  The requests wait on the network and the registry
-    # and their hashing and writing release the interpreter, so they overlap the mount, the
-    # overlay above it and the container's start instead of following them.  (Capabilities
-    # are a thread's own: the thread drops them first, and the threads it starts inherit that;
-    # the main thread drops its own after mounting.)  _thread, not threading: Thread.start()
-    # waits until the new thread runs, which on a busy machine holds up the mount.
-    prefetched = threading.Event()
-    _thread.start_new_thread(_fetch_early, (fetcher, state.early, stats),
-                             {"around": state.around, "done": prefetched})
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
     options |= {"fsname=puller-lazy", "subtype=puller-lazy", "ro", "allow_other", "default_permissions"}
@@ -178,6 +168,15 @@ def serve(state: Prepared) -> int:
     if a.ready_fd is not None:
         os.write(a.ready_fd, b"ready\n")
         os.close(a.ready_fd)
+    # Fetching starts now, while the overlay above the mount and the container's start are
+    # still under way: the entrypoint's program first (every run execs it), then the recorded
+    # prefetch list.  (Starting it before the mount measured no sooner first output: on two
+    # busy cores the fetch and the mount only slow each other down.)  _thread, not threading:
+    # Thread.start() waits until the new thread runs, which on a busy machine holds up the
+    # FUSE loop the overlay mount waits for.
+    prefetched = threading.Event()
+    _thread.start_new_thread(_fetch_early, (fetcher, state.early, stats),
+                             {"around": state.around, "done": prefetched})
     try:
         trio.run(_serve_until_unmounted, fs, prefetched, a.whole, stats)
     finally:
@@ -231,7 +230,8 @@ def _fetch_early(fetcher: ChunkFetcher, ids: list[int], stats: _StatsWriter, bat
                  around: list[int] | tuple = (), done: threading.Event | None = None) -> None:
     """Prefetch in batches (so reads are not starved of request slots); failures surface
     again, as EIO, on the read that needs the chunk.  `around` rides with the first batch.
-    Runs in a thread started before the mount, which first drops its capabilities."""
+    Runs in a thread of its own, which drops its capabilities first (the main thread did so
+    already; capability sets are per thread, so this holds whoever starts it)."""
     try:
         drop_privileges()
         _fetch_batches(fetcher, ids, stats, batch, around)
