@@ -75,6 +75,9 @@ class Meta:
     blobs: list[tuple[str, int]]  # (digest, size) of each data blob, in artifact order
     chunks: list[Chunk]
     nodes: list[Node]  # parents before children
+    # The image config's bytes, carried along so a lazy pull need not fetch it (checked there
+    # against the manifest's config descriptor, like a fetched one).
+    config_raw: bytes | None = None
 
     def to_bytes(self) -> bytes:
         import zstandard
@@ -100,6 +103,8 @@ class Meta:
                "chunks": [[c.digest.split(":", 1)[1], c.blob, c.offset, c.stored, c.size, int(c.zstd)]
                           for c in self.chunks],
                "nodes": nodes}
+        if self.config_raw is not None:
+            doc["config"] = base64.b64encode(self.config_raw).decode()
         raw = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
         return zstandard.ZstdCompressor(level=10).compress(raw)
 
@@ -240,4 +245,12 @@ def load_meta(blob: bytes, subject: str) -> Meta:
         nodes.append(n)
     if not nodes or nodes[0].path != "":
         raise MetaError("lazy metadata: the tree does not start with its root directory")
-    return Meta(subject, chunk_size, blobs, chunks, nodes)
+    config_raw = None
+    if "config" in doc:
+        try:
+            config_raw = base64.b64decode(doc["config"], validate=True) if isinstance(doc["config"], str) else None
+        except ValueError:
+            config_raw = None
+        if config_raw is None:
+            raise MetaError("lazy metadata: the embedded image config is not base64")
+    return Meta(subject, chunk_size, blobs, chunks, nodes, config_raw)

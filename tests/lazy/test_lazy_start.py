@@ -3,6 +3,7 @@ artifact manifest only when the artifact names it, the lean HTTP path (no reques
 plain lazy start), the mount's read-ahead, and the chunk cache's size-bounded gc."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -40,6 +41,21 @@ def small_image(registry, pusher, kit, tmp_path_factory):
     return ref, img, index_image(ref, opts(registry), chunk_size=CHUNK)
 
 
+@pytest.fixture(scope="module")
+def unembedded_image(registry, pusher, kit, tmp_path_factory):
+    """As a converter that embeds nothing (or metadata too large to embed) leaves it."""
+    from puller.lazy import convert
+    root = kit.busybox_tree(tmp_path_factory.mktemp("plain") / "root")
+    (root / "f").write_bytes(os.urandom(2 * CHUNK))
+    img = pusher.image("lazy/start", "plain", [kit.Layer(kit.tar_dir(root), "gzip")])
+    ref = f"{registry.host}/lazy/start:plain"
+    saved, convert.EMBED_MAX = convert.EMBED_MAX, -1
+    try:
+        return ref, img, index_image(ref, opts(registry), chunk_size=CHUNK)
+    finally:
+        convert.EMBED_MAX = saved
+
+
 def _tag_index(registry, subject: str) -> dict:
     client = RegistryClient(registry.host, RegistryOptions(plain_http=frozenset({registry.host})))
     answer = client.get_small(f"lazy/start/manifests/{subject.replace(':', '-')}", cap=1 << 20, what="tag index",
@@ -48,14 +64,45 @@ def _tag_index(registry, subject: str) -> dict:
 
 
 def _announce(registry, subject: str, entry: dict, digest: str, size: int) -> None:
+    """Rewrite the referrers entry: no embedded artifact, and `digest` announced as metadata."""
     client = RegistryClient(registry.host, RegistryOptions(plain_http=frozenset({registry.host})))
     ann = {**entry["annotations"], META_DIGEST_ANNOTATION: digest, META_SIZE_ANNOTATION: str(size)}
-    add_referrers_tag(client, "lazy/start", subject, {**entry, "annotations": ann})
+    add_referrers_tag(client, "lazy/start", subject,
+                      {k: v for k, v in entry.items() if k != "data"} | {"annotations": ann})
 
 
-def test_metadata_is_announced_and_used_only_when_the_artifact_names_it(registry, small_image, tmp_path):
+def test_embedded_artifact_metadata_and_config_save_their_requests(registry, small_image, fault_proxy, tmp_path):
+    """The converter embeds the artifact manifest in the referrers entry, the metadata in the
+    artifact manifest and the image config in the metadata: a lazy pull asks for the image
+    manifest, the referrers (API and tag) and nothing else."""
     ref, img, result = small_image
+    store = Store(str(tmp_path / "s"))
+    rec = pull_lazy(f"{fault_proxy.host}/lazy/start:v1", store, opts(fault_proxy))
+    assert rec["lazy"]["meta"] == result.meta_digest
+    assert store.has_blob(rec["config_digest"]) and store.has_blob(result.meta_digest)
+    assert sorted(fault_proxy.hits) == sorted([
+        "/v2/lazy/start/manifests/v1", f"/v2/lazy/start/referrers/{img.digest}",
+        f"/v2/lazy/start/manifests/{img.digest.replace(':', '-')}"])
+    # Embedded content that does not match its descriptor is ignored, and fetched instead.
+    client = RegistryClient(registry.host, RegistryOptions(plain_http=frozenset({registry.host})))
     entry = next(e for e in _tag_index(registry, img.digest)["manifests"] if e["digest"] == result.artifact_digest)
+    forged = json.loads(base64.b64decode(entry["data"]))
+    forged["annotations"]["x"] = "forged"
+    try:
+        add_referrers_tag(client, "lazy/start", img.digest,
+                          entry | {"data": base64.b64encode(json.dumps(forged).encode()).decode()})
+        fault_proxy.hits.clear()
+        rec = pull_lazy(f"{fault_proxy.host}/lazy/start:v1", Store(str(tmp_path / "s2")), opts(fault_proxy))
+        assert rec["lazy"]["artifact"] == result.artifact_digest
+        assert f"/v2/lazy/start/manifests/{result.artifact_digest}" in fault_proxy.hits
+    finally:
+        add_referrers_tag(client, "lazy/start", img.digest, entry)
+
+
+def test_metadata_is_announced_and_used_only_when_the_artifact_names_it(registry, unembedded_image, tmp_path):
+    ref, img, result = unembedded_image
+    entry = next(e for e in _tag_index(registry, img.digest)["manifests"] if e["digest"] == result.artifact_digest)
+    assert "data" not in entry
     assert entry["annotations"][META_DIGEST_ANNOTATION] == result.meta_digest
     assert entry["annotations"][META_SIZE_ANNOTATION] == str(result.meta_bytes)
     rec = pull_lazy(ref, Store(str(tmp_path / "s0")), opts(registry))
