@@ -50,6 +50,7 @@ class FastResponse:
                  resp: http.client.HTTPResponse) -> None:
         self._pool, self._conn, self._resp = pool, conn, resp
         self.status = resp.status
+        self.reason = resp.reason
         self.headers = resp.headers
 
     def header(self, name: str, default: str = "") -> str:

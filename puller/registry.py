@@ -204,7 +204,7 @@ class RegistryClient:
                 body = resp.read(64 << 10)
             except (ValueError, ConnectionError):
                 body = b""
-            raise NotFound(f"{what}: not found on {self.host}: {_error_text_of(body, resp._resp.reason)}", status=404)
+            raise NotFound(f"{what}: not found on {self.host}: {_error_text_of(body, resp.reason)}", status=404)
         if blob and 300 <= resp.status < 400:
             self._fast_blobs = False
         resp.close()
