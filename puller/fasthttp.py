@@ -169,8 +169,48 @@ class ConnectionPool:
                 raise FastPathUnusable(str(exc)) from exc
         raise FastPathUnusable("no connection")  # pragma: no cover - the loop returns or raises
 
+    def send(self, path: str, headers: dict[str, str]) -> "Sent | None":
+        """Send a GET on a new connection and return without waiting for the answer (None if
+        that cannot be done): the answer is read later, possibly by a forked child, which
+        inherits the socket."""
+        if self.disabled:
+            return None
+        hdrs = {"User-Agent": self.config.user_agent, **headers} if self.config.user_agent else headers
+        conn = None
+        try:
+            conn = self._new()
+            conn.request("GET", path, headers=hdrs)
+        except (OSError, http.client.HTTPException):
+            if conn is not None:
+                conn.close()
+            return None
+        return Sent(self, conn)
+
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+class Sent:
+    """A request sent on its own connection whose answer is not read yet."""
+
+    def __init__(self, pool: ConnectionPool, conn: http.client.HTTPConnection) -> None:
+        self._pool, self._conn = pool, conn
+
+    def answer(self) -> FastResponse:
+        """The answer (ConnectionError if there is none)."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            raise ConnectionError("answer already taken")
+        try:
+            return FastResponse(self._pool, conn, conn.getresponse())
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise ConnectionError(f"no answer from {self._pool.config.host}: {exc}") from exc
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

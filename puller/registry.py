@@ -232,11 +232,31 @@ class RegistryClient:
         return SmallAnswer(body, slow.headers.get("Content-Type", "").split(";")[0].strip(),
                            {k.lower(): v for k, v in slow.headers.items()}, slow.url)
 
-    def open_range(self, repository: str, digest: str, start: int, end: int, what: str) -> RangeReader:
+    def send_range(self, repository: str, digest: str, start: int, end: int):
+        """Send the GET of bytes [start, end) of a blob without waiting (see open_range's
+        `sent`); None when the lean path cannot."""
+        if not self._fast_blobs:
+            return None
+        return self._fast.send(f"/v2/{repository}/blobs/{digest}",
+                               {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity",
+                                **self._auth_header})
+
+    def open_range(self, repository: str, digest: str, start: int, end: int, what: str,
+                   sent=None) -> RangeReader:
         """Stream bytes [start, end) of a blob (a 206 answer whose length is checked)."""
         path = f"{repository}/blobs/{digest}"
         headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
-        fast = self._fast_get(path, headers, (206,), what)
+        fast = None
+        if sent is not None:  # the request went out earlier (send_range): its answer, if usable
+            try:
+                fast = sent.answer()
+            except ConnectionError:
+                fast = None
+            if fast is not None and fast.status != 206:
+                fast.close()
+                fast = None
+        if fast is None:
+            fast = self._fast_get(path, headers, (206,), what)
         length = fast.header("Content-Length") if fast is not None else ""
         slow = None
         if fast is None:

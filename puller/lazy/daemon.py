@@ -148,7 +148,11 @@ def prepare(a: argparse.Namespace) -> Prepared:
     # Without a recorded list the entrypoint's neighbours in the blob come along, as they
     # would with a read miss at its end.
     around = fs.read_around(entry[-1]) if entry and not prefetch else []
-    return Prepared(a, fs, fetcher, cache, stats, entry + chunks_of(meta, prefetch), around)
+    early = entry + chunks_of(meta, prefetch)
+    # The first request of the early fetch goes out now: the registry answers while the file
+    # system starts (a forked daemon inherits the connection and reads the answer).
+    fetcher.presend(list(dict.fromkeys(early))[:EARLY_BATCH], around)
+    return Prepared(a, fs, fetcher, cache, stats, early, around)
 
 
 def serve(state: Prepared) -> int:
@@ -226,7 +230,10 @@ def _entrypoint_chunks(store: Store, record: dict, meta: Meta) -> list[int]:
     return []
 
 
-def _fetch_early(fetcher: ChunkFetcher, ids: list[int], stats: _StatsWriter, batch: int = 8,
+EARLY_BATCH = 8
+
+
+def _fetch_early(fetcher: ChunkFetcher, ids: list[int], stats: _StatsWriter, batch: int = EARLY_BATCH,
                  around: list[int] | tuple = (), done: threading.Event | None = None) -> None:
     """Prefetch in batches (so reads are not starved of request slots); failures surface
     again, as EIO, on the read that needs the chunk.  `around` rides with the first batch.

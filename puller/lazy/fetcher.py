@@ -83,6 +83,29 @@ class ChunkFetcher:
         self._lock = threading.Lock()
         self._inflight: dict[str, threading.Event] = {}
         self._failed: dict[str, str] = {}
+        self._sent: tuple[tuple[int, int, int], object] | None = None  # see presend
+
+    def presend(self, ids: list[int], extra: list[int] | tuple = ()) -> None:
+        """Send the first range request ensure(ids, extra) will make, now, without a thread
+        (so before a fork: the child inherits the connection and reads the answer), to have
+        the registry's answer under way while the file system starts."""
+        have = self.cache.has
+        chunks = [self.meta.chunks[i] for i in dict.fromkeys([*ids, *extra])]
+        runs = plan_ranges([c for c in chunks if not have(c.digest)], self.merge_gap, self.max_request)
+        if not runs:
+            return
+        run = runs[0]
+        key = (run[0].blob, run[0].offset, max(c.offset + c.stored for c in run))
+        sent = self.client.send_range(self.repository, self.meta.blobs[key[0]][0], key[1], key[2])
+        if sent is not None:
+            self._sent = (key, sent)
+
+    def _take_sent(self, key: tuple[int, int, int]):
+        with self._lock:
+            if self._sent is None or self._sent[0] != key:
+                return None
+            sent, self._sent = self._sent[1], None
+            return sent
 
     def ensure(self, ids: list[int], extra: list[int] | tuple = ()) -> None:
         """Return once all chunks `ids` are in the cache; ChunkError if one cannot be.
@@ -158,10 +181,12 @@ class ChunkFetcher:
         pending = deque(sorted(run, key=lambda c: c.offset))
         got = 0
         checks = []
+        sent = self._take_sent((run[0].blob, start, end))
         try:
             with self._slots:
                 with self.client.open_range(self.repository, blob_digest, start, end,
-                                            f"range {start}-{end - 1} of blob {self.repository}@{blob_digest}") as body:
+                                            f"range {start}-{end - 1} of blob {self.repository}@{blob_digest}",
+                                            sent=sent) as body:
                     pos = start
                     while pending:
                         c = pending[0]
@@ -227,6 +252,10 @@ class ChunkFetcher:
             ev.set()
 
     def close(self) -> None:
+        with self._lock:
+            if self._sent is not None:
+                self._sent[1].close()
+                self._sent = None
         self._ahead.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._fg.shutdown(wait=True, cancel_futures=True)

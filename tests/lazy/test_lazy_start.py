@@ -227,3 +227,47 @@ def test_snapshot_of_an_image_not_pulled_lazily_fails_cleanly(tmp_path, lazy_sna
             lazy_snapshots(store, "127.0.0.1:1/no/such:v1", tmp_path / "root", fork=fork)
         assert not (tmp_path / "root").exists() and not list((tmp_path / "store/snapshots").iterdir())
     assert set(os.listdir("/proc/self/fd")) == fds  # no pipe or lock fd left behind
+
+
+def test_presend_range_request_is_answered_in_a_forked_child(registry, small_image, fault_proxy, tmp_path):
+    """The daemon's first range request goes out before the fork; the child reads its answer
+    (one request in all), and a request for other chunks is dropped, not mixed up."""
+    from puller.lazy.cache import ChunkCache
+    from puller.lazy.fetcher import ChunkFetcher
+    ref, _, result = small_image
+    store = Store(str(tmp_path / "s"))
+    rec = pull_lazy(f"{fault_proxy.host}/lazy/start:v1", store, opts(fault_proxy))
+    meta = load_record_meta(store, rec)
+    node = next(n for n in meta.nodes if n.path == "data/f1")
+    blob_path = f"/v2/lazy/start/blobs/{meta.blobs[meta.chunks[node.chunks[0]].blob][0]}"
+    want = (tmp_path / "want")
+
+    def fetcher(cache_dir: str) -> ChunkFetcher:
+        return ChunkFetcher(RegistryClient(fault_proxy.host, opts(fault_proxy).registry), "lazy/start", meta,
+                            ChunkCache(str(tmp_path / cache_dir)))
+
+    f = fetcher("c1")
+    f.presend(node.chunks)
+    pid = os.fork()
+    if pid == 0:  # the child: fetch and write what it got
+        code = 1
+        try:
+            f.ensure(node.chunks)
+            want.write_bytes(b"".join(f.cache.read(meta.chunks[i].digest, 0, meta.chunks[i].size)
+                                      for i in node.chunks))
+            code = 0 if f.stats.requests == 1 else 2
+        finally:
+            os._exit(code)
+    f.close()  # the parent's copy of the connection goes; the child's stays
+    assert os.waitpid(pid, 0)[1] == 0  # (2: more than the one request)
+    assert len(want.read_bytes()) == node.size  # chunks verified against their digests on the way
+    assert fault_proxy.hits[blob_path] == 1
+    # A sent request that is not the one ensure() makes is closed and not used.
+    other = next(n for n in meta.nodes if n.path == "data/f2")
+    g = fetcher("c2")
+    g.presend(other.chunks)
+    g.ensure(node.chunks)
+    g.close()
+    assert fault_proxy.hits[blob_path] == 3
+    assert b"".join(g.cache.read(meta.chunks[i].digest, 0, meta.chunks[i].size) for i in node.chunks) \
+        == want.read_bytes()
