@@ -9,6 +9,13 @@ one already stored (in this layer or any lower one) is not stored again: files p
 same entry.  Because a layer's data blob holds only chunks new relative to the layers below
 it, it depends only on the layer's ChainID, so images sharing base layers share data blobs.
 
+So that a lazy pull takes few requests, the metadata may carry the image config's bytes
+("config", base64), the artifact manifest may embed the metadata blob in its descriptor, and
+the referrers tag entry the artifact manifest (OCI `data`); the artifact's annotations
+META_DIGEST_ANNOTATION / META_SIZE_ANNOTATION name the metadata blob.  Each embedded copy is
+checked against the digest that names it, and is only a shortcut: without it (or when it does
+not match) the same content is fetched by digest.
+
 Everything here is untrusted input: load_meta() checks paths, indices, ranges and digests so
 the file system can index without further checks.
 """
