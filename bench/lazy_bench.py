@@ -11,13 +11,15 @@ store every time:
          long-lived caller can do), and a fork with the prefetch list a recording run wrote
 
 The entrypoint reads a few MB (busybox and --read-mb MiB of the small files) and prints a
-line.  Also: bytes fetched by the lazy run vs the image's size, and sequential reads of the
+line.  Each lazy line shows the ratio of the medians and the median of each round's own ratio
+(full and lazy runs of a round follow each other, so that one is steadier on a shared
+machine), and per round the phases pull / mount (daemon start + FUSE + overlay) / run.  Also: bytes fetched by the lazy run vs the image's size, and sequential reads of the
 100 MiB file through the lazy mount (cold: from the registry; warm-chunks: a fresh mount on
 a filled chunk cache; warm-page: the same mount again) beside the same read from the full
 pull's overlay snapshot, and skopeo copy + umoci unpack as a reference full pull.
 
 Needs root, docker-registry, /dev/fuse, fusermount3 (and skopeo, umoci for the reference).
-Usage: python bench/lazy_bench.py [--mb 320] [--runs 3] [--read-mb 4]
+Usage: python bench/lazy_bench.py [--mb 320] [--runs 3] [--read-mb 4] [--loopback-only]
 """
 from __future__ import annotations
 
@@ -196,9 +198,12 @@ def compare(a, work: Path, host: str, image_bytes: int, script: str, plist: Path
     print(f"\n{title}\ntime from pull to the entrypoint's first output, median of {a.runs}, each from an empty store:")
     print(f"  full pull + overlay snapshot + run    {med(full_t):6.3f} s  {['%.3f' % x for x in full_t]}")
     for name in variants:
+        # Also the median of each round's own ratio: on a shared machine the load drifts, and a
+        # round's full and lazy runs follow each other closely.
+        per_round = med([f / l for f, l in zip(full_t, lazy_t[name])])
         print(f"  lazy ({name:13s}) + mount + run   {med(lazy_t[name]):6.3f} s  "
-              f"{med(full_t) / med(lazy_t[name]):5.1f}x sooner (goal >= 10x);  phases pull/mount/run: "
-              + ", ".join(f"{p:.3f}/{m:.3f}/{r:.3f}" for p, m, r in phases[name]))
+              f"{med(full_t) / med(lazy_t[name]):5.1f}x sooner (goal >= 10x; per round {per_round:.1f}x);  "
+              "phases pull/mount/run: " + ", ".join(f"{p:.3f}/{m:.3f}/{r:.3f}" for p, m, r in phases[name]))
     for name in variants:
         f = med(fetched[name])
         print(f"  bytes fetched, lazy {name:13s}: {f / 1e6:6.2f} MB = {100 * f / image_bytes:5.2f}% "
@@ -211,6 +216,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--read-mb", type=int, default=4)
     ap.add_argument("--no-reference", action="store_true", help="skip skopeo copy + umoci unpack")
+    ap.add_argument("--loopback-only", action="store_true",
+                    help="only the loopback comparison (no emulated link, format cost or read throughput)")
     ap.add_argument("--link-mbit", type=int, default=1000, help="bandwidth of the emulated link")
     ap.add_argument("--rtt-ms", type=float, default=2.0, help="delay added to each request on the emulated link")
     a = ap.parse_args()
@@ -254,6 +261,8 @@ def main() -> int:
         print(f"recorded prefetch list: {len(plist.read_text().split())} files")
 
         compare(a, work, reg.host, image_bytes, script, plist, mounts, "loopback (registry on 127.0.0.1)")
+        if a.loopback_only:
+            return 0
         proxy = LinkProxy(reg.host, a.link_mbit * 1e6 / 8, a.rtt_ms / 1e3)
         try:
             compare(a, work, proxy.host, image_bytes, script, plist, mounts,

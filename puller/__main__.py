@@ -101,7 +101,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     import dataclasses
-    print(json.dumps(dataclasses.asdict(_open_store(args.store).gc()), sort_keys=True))
+    store = _open_store(args.store)
+    out = dataclasses.asdict(store.gc())
+    if args.chunk_cache_max is not None:
+        from .lazy.cachegc import gc_chunks
+        out["chunk_cache"] = dataclasses.asdict(gc_chunks(store, args.chunk_cache_max))
+    print(json.dumps(out, sort_keys=True))
     return 0
 
 
@@ -154,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gc", help="remove content no image references")
     p.add_argument("--store", required=True)
+    p.add_argument("--chunk-cache-max", type=int, metavar="BYTES",
+                   help="also shrink the lazy-pull chunk cache to BYTES (chunks of mounted snapshots stay)")
     p.set_defaults(func=cmd_gc)
 
     from .lazy.cli import add_index_parser

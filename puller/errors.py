@@ -30,6 +30,10 @@ class RegistryUnavailable(RegistryError):
     """No usable answer from the registry within the configured time budget."""
 
 
+class AnswerTooLarge(RegistryError):
+    """An answer longer than the limit set for it."""
+
+
 class NotFound(RegistryError):
     """The registry says a manifest or blob does not exist (404)."""
 

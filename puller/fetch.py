@@ -11,13 +11,15 @@ trusted until both readers have reached end of stream and checked their digest.
 from __future__ import annotations
 
 import io
+import sys
 import threading
-from typing import BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable
 
-import requests
+if TYPE_CHECKING:
+    import requests
 
 from .digest import parse_digest
-from .errors import VerificationError
+from .errors import AnswerTooLarge, VerificationError
 
 CHUNK = 1 << 20
 
@@ -25,6 +27,13 @@ try:  # isal's igzip is 2-4x faster than zlib and decompresses in its own thread
     from isal import igzip_threaded as _igzip_threaded
 except ImportError:  # pragma: no cover - isal is a dependency, zlib is the fallback
     _igzip_threaded = None
+
+
+def _is_response(obj: object) -> bool:
+    """isinstance(obj, requests.Response) without importing requests (if it was never
+    imported, obj is none of its responses)."""
+    mod = sys.modules.get("requests")
+    return mod is not None and isinstance(obj, mod.Response)
 
 
 class BlobReader(io.RawIOBase):
@@ -43,8 +52,8 @@ class BlobReader(io.RawIOBase):
         self._resume = resume
         self._resume_deadline = resume_deadline
         self.resumes = 0
-        self._resp = source if isinstance(source, requests.Response) else None
-        self._raw = source.raw if isinstance(source, requests.Response) else source
+        self._resp = source if _is_response(source) else None
+        self._raw = source.raw if self._resp is not None else source
         self._digest = parse_digest(digest, what=what)
         self._hash = self._digest.hasher()
         self.size = size
@@ -211,17 +220,20 @@ def fetch_small_blob(client, repository: str, digest: str, size: int, *, cap: in
     """Download a whole (small) blob such as an image config, verified."""
     if size > cap:
         raise VerificationError(f"{what}: descriptor size {size} exceeds the {cap}-byte limit")
-    resp = client.open_blob(repository, digest)
-    reader = BlobReader(resp, digest, size, what=what)
+    d = parse_digest(digest, what=what)
     try:
-        out = bytearray()
-        buf = bytearray(CHUNK)
-        while True:
-            n = reader.readinto(buf)
-            if not n:
-                break
-            out += buf[:n]
-        return bytes(out)
-    finally:
-        reader.close()
-
+        # One byte more than the descriptor allows, so a longer blob shows itself.
+        body = client.get_small(f"{repository}/blobs/{d}", cap=size + 1, what=f"blob {repository}@{d}").body
+    except AnswerTooLarge:
+        raise VerificationError(f"{what}: registry sent more than the {size} bytes the descriptor says "
+                                "(size lie)") from None
+    if len(body) > size:
+        raise VerificationError(f"{what}: registry sent more than the {size} bytes the descriptor says (size lie)")
+    if len(body) < size:
+        raise VerificationError(f"{what}: blob truncated: got {len(body)} of {size} bytes")
+    if not d.matches(body):
+        got = d.hasher()
+        got.update(body)
+        raise VerificationError(f"{what}: content digest {d.algorithm}:{got.hexdigest()} "
+                                f"does not match descriptor digest {d}")
+    return body

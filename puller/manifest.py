@@ -25,9 +25,14 @@ class Descriptor:
     annotations: dict = field(default_factory=dict)
     artifact_type: str | None = None
     urls: tuple[str, ...] = ()
+    # The content itself, embedded (OCI 1.1 `data`): kept only when it matches digest and size.
+    data: bytes | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
         out: dict = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.data is not None:
+            import base64
+            out["data"] = base64.b64encode(self.data).decode()
         if self.platform:
             out["platform"] = self.platform
         if self.annotations:
@@ -60,7 +65,22 @@ def parse_descriptor(obj: object, where: str) -> Descriptor:
     urls = obj.get("urls") or ()
     return Descriptor(media_type, digest, size, platform, annotations,
                       artifact_type if isinstance(artifact_type, str) else None,
-                      tuple(u for u in urls if isinstance(u, str)) if isinstance(urls, list) else ())
+                      tuple(u for u in urls if isinstance(u, str)) if isinstance(urls, list) else (),
+                      _embedded(obj.get("data"), digest, size))
+
+
+def _embedded(value: object, digest: str, size: int) -> bytes | None:
+    """Embedded content that is what the descriptor says it is; None otherwise (absent, not
+    base64, or not matching: the content is then fetched by its digest as usual)."""
+    if not isinstance(value, str) or len(value) > 4 * (size + 2) // 3 + 4:
+        return None
+    import base64
+    import binascii
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return data if len(data) == size and parse_digest(digest).matches(data) else None
 
 
 @dataclass(frozen=True)

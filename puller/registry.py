@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import oras.provider
-import requests
-import requests.adapters
+if TYPE_CHECKING:
+    import requests
+
 
 from .auth import Credentials, credentials_from_docker_config, parse_challenge
 from .digest import validate_digest
-from .errors import NotFound, RegistryError, RegistryUnavailable, Unauthorized
+from .errors import AnswerTooLarge, NotFound, RegistryError, RegistryUnavailable, Unauthorized
+from .fasthttp import ConnectionPool, FastPathConfig, FastPathUnusable, FastResponse
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +56,31 @@ class RegistryOptions:
         return None
 
 
-class _TimeoutAdapter(requests.adapters.HTTPAdapter):
-    """Gives requests made inside oras (token fetches) a socket timeout too."""
+def _timeout_adapter(timeout: tuple[float, float]):
+    """A requests adapter that gives requests made inside oras (token fetches) a socket
+    timeout too."""
+    import requests.adapters
 
-    def __init__(self, timeout: tuple[float, float]) -> None:
-        super().__init__(max_retries=0, pool_maxsize=16)
-        self._timeout = timeout
+    class TimeoutAdapter(requests.adapters.HTTPAdapter):
+        def __init__(self) -> None:
+            super().__init__(max_retries=0, pool_maxsize=16)
 
-    def send(self, request, **kwargs):  # type: ignore[override]
-        if kwargs.get("timeout") is None:
-            kwargs["timeout"] = self._timeout
-        return super().send(request, **kwargs)
+        def send(self, request, **kwargs):  # type: ignore[override]
+            if kwargs.get("timeout") is None:
+                kwargs["timeout"] = timeout
+            return super().send(request, **kwargs)
+
+    return TimeoutAdapter()
+
+
+@dataclass
+class SmallAnswer:
+    """A whole small answer (manifest, config, referrers list)."""
+
+    body: bytes
+    content_type: str
+    headers: dict[str, str]  # lower-case names
+    url: str
 
 
 @dataclass
@@ -84,26 +102,171 @@ def _error_text(resp: requests.Response) -> str:
     return (resp.text or resp.reason or "")[:200]
 
 
+def _error_text_of(body: bytes, reason: str) -> str:
+    """_error_text for an answer read on the fast path."""
+    try:
+        data = json.loads(body)
+        errors = data.get("errors") if isinstance(data, dict) else None
+        if errors:
+            return "; ".join(f"{e.get('code', '?')}: {e.get('message', '')}" for e in errors if isinstance(e, dict))
+    except ValueError:
+        pass
+    return (body.decode(errors="replace") or reason or "")[:200]
+
+
+class RangeReader:
+    """The body of a range answer, read with readinto() (either path)."""
+
+    def __init__(self, fast: FastResponse | None, slow: requests.Response | None) -> None:
+        self._fast, self._slow = fast, slow
+
+    def readinto(self, buf) -> int:
+        if self._fast is not None:
+            return self._fast.readinto(buf)
+        try:
+            return self._slow.raw.readinto(buf)
+        except Exception as exc:  # urllib3's ProtocolError and friends: a cut connection
+            raise ConnectionError(str(exc)) from exc
+
+    def close(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
+        else:
+            self._slow.close()
+
+    def __enter__(self) -> RangeReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class RegistryClient:
-    """Talks to one registry host; thread-safe for concurrent blob downloads."""
+    """Talks to one registry host; thread-safe for concurrent blob downloads.
+
+    requests and oras (about 0.13 s of imports) are loaded on the first request the lean
+    path cannot make: a lazy start's daemon usually never needs them."""
 
     def __init__(self, host: str, options: RegistryOptions | None = None) -> None:
         self.host = host
         self.options = options or RegistryOptions()
-        plain = host in self.options.plain_http
-        tls_verify: bool | str = self.options.ca_file or True
-        self._oras = oras.provider.Registry(hostname=host, insecure=plain, tls_verify=tls_verify)
-        self.session: requests.Session = self._oras.session
-        self.session.headers["User-Agent"] = self.options.user_agent
-        adapter = _TimeoutAdapter((self.options.connect_timeout, self.options.read_timeout))
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        self._verify = tls_verify
+        self._plain = plain = host in self.options.plain_http
+        self._verify: bool | str = self.options.ca_file or True
         self.base = f"{'http' if plain else 'https'}://{host}/v2/"
         self._creds = self.options.credentials_for(host)
-        if self._creds is not None:
-            self._oras.auth.set_basic_auth(self._creds.username, self._creds.password)
         self._auth_header: dict[str, str] = {}
+        self._oras_registry = None
+        self._session_lock = threading.Lock()
+        self._fast = ConnectionPool(FastPathConfig(
+            host, tls=not plain, ca_file=self.options.ca_file, connect_timeout=self.options.connect_timeout,
+            read_timeout=min(self.options.read_timeout, self.options.timeout), user_agent=self.options.user_agent))
+        self._fast_blobs = True  # False once a blob GET was redirected (blobs then live elsewhere)
+
+    @property
+    def _oras(self):
+        """oras-py's Registry: the requests session and the token-auth backend."""
+        if self._oras_registry is None:
+            with self._session_lock:
+                if self._oras_registry is None:
+                    import oras.provider
+                    reg = oras.provider.Registry(hostname=self.host, insecure=self._plain, tls_verify=self._verify)
+                    reg.session.headers["User-Agent"] = self.options.user_agent
+                    adapter = _timeout_adapter((self.options.connect_timeout, self.options.read_timeout))
+                    reg.session.mount("http://", adapter)
+                    reg.session.mount("https://", adapter)
+                    if self._creds is not None:
+                        reg.auth.set_basic_auth(self._creds.username, self._creds.password)
+                    self._oras_registry = reg
+        return self._oras_registry
+
+    @property
+    def session(self) -> requests.Session:
+        return self._oras.session
+
+    # -- fast path ------------------------------------------------------------
+    def _fast_get(self, path: str, headers: dict[str, str], ok: tuple[int, ...], what: str) -> FastResponse | None:
+        """The GET on the lean path when it gets an `ok` answer; None when the general path
+        must do it (no usable connection, a challenge, a redirect, a retryable error)."""
+        blob = "/blobs/" in path
+        if blob and not self._fast_blobs:
+            return None
+        try:
+            resp = self._fast.get("/v2/" + path, {**headers, **self._auth_header})
+        except FastPathUnusable:
+            return None
+        except socket.timeout:
+            raise RegistryUnavailable(f"{what}: registry {self.host} gave no answer within "
+                                      f"{self._fast.config.read_timeout:g}s (Timeout waiting for the answer)") from None
+        if resp.status in ok:
+            return resp
+        if resp.status == 404:
+            try:
+                body = resp.read(64 << 10)
+            except (ValueError, ConnectionError):
+                body = b""
+            raise NotFound(f"{what}: not found on {self.host}: {_error_text_of(body, resp.reason)}", status=404)
+        if blob and 300 <= resp.status < 400:
+            self._fast_blobs = False
+        resp.close()
+        return None
+
+    def get_small(self, path: str, *, headers: dict[str, str] | None = None, cap: int, what: str,
+                  ok: Iterable[int] = (200,)) -> SmallAnswer:
+        """GET a small answer whole (at most `cap` bytes), on the lean path when it can."""
+        ok = tuple(ok)
+        headers = headers or {}
+        resp = self._fast_get(path, headers, ok, what)
+        if resp is not None:
+            try:
+                body = resp.read(cap)
+            except ValueError as exc:
+                raise AnswerTooLarge(f"{what}: {exc}") from None
+            except ConnectionError:
+                pass  # cut mid-answer: the general path retries within its time budget
+            else:
+                return SmallAnswer(body, resp.header("Content-Type").split(";")[0].strip(),
+                                   {k.lower(): v for k, v in resp.headers.items()}, self.base + path)
+        slow = self.request("GET", path, stream=True, headers=headers, ok=ok, what=what)
+        with slow:
+            body = _read_capped(slow, cap, what)
+        return SmallAnswer(body, slow.headers.get("Content-Type", "").split(";")[0].strip(),
+                           {k.lower(): v for k, v in slow.headers.items()}, slow.url)
+
+    def send_range(self, repository: str, digest: str, start: int, end: int):
+        """Send the GET of bytes [start, end) of a blob without waiting (see open_range's
+        `sent`); None when the lean path cannot."""
+        if not self._fast_blobs:
+            return None
+        return self._fast.send(f"/v2/{repository}/blobs/{digest}",
+                               {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity",
+                                **self._auth_header})
+
+    def open_range(self, repository: str, digest: str, start: int, end: int, what: str,
+                   sent=None) -> RangeReader:
+        """Stream bytes [start, end) of a blob (a 206 answer whose length is checked)."""
+        path = f"{repository}/blobs/{digest}"
+        headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+        fast = None
+        if sent is not None:  # the request went out earlier (send_range): its answer, if usable
+            try:
+                fast = sent.answer()
+            except ConnectionError:
+                fast = None
+            if fast is not None and fast.status != 206:
+                fast.close()
+                fast = None
+        if fast is None:
+            fast = self._fast_get(path, headers, (206,), what)
+        length = fast.header("Content-Length") if fast is not None else ""
+        slow = None
+        if fast is None:
+            slow = self.request("GET", path, stream=True, ok=(206,), headers=headers, what=what)
+            length = slow.headers.get("Content-Length", "")
+        reader = RangeReader(fast, slow)
+        if length and length.isdigit() and int(length) != end - start:
+            reader.close()
+            raise RegistryError(f"{what}: registry announces {length} bytes for a range of {end - start}")
+        return reader
 
     # -- request loop -------------------------------------------------------
     def _authenticate(self, resp: requests.Response, headers: dict[str, str]) -> bool:
@@ -136,6 +299,7 @@ class RegistryClient:
         what: str = "",
     ) -> requests.Response:
         """One API request with bounded retries; raises on a non-`ok` status."""
+        import requests
         url = path if path.startswith(("http://", "https://")) else self.base + path
         what = what or f"{method} {url}"
         deadline = time.monotonic() + self.options.timeout
@@ -203,18 +367,11 @@ class RegistryClient:
         """Fetch raw manifest bytes by tag or digest (digest validated first)."""
         if ":" in selector:
             selector = validate_digest(selector, what=f"manifest digest for {repository}")
-        resp = self.request("GET", f"{repository}/manifests/{selector}", stream=True,
-                            headers={"Accept": ", ".join(accept)},
-                            what=f"manifest {repository}:{selector}" if ":" not in selector
-                            else f"manifest {repository}@{selector}")
-        with resp:
-            body = _read_capped(resp, MAX_MANIFEST_BYTES, f"manifest {repository}@{selector}")
-        return ManifestResponse(
-            body=body,
-            content_type=resp.headers.get("Content-Type", "").split(";")[0].strip(),
-            docker_content_digest=resp.headers.get("Docker-Content-Digest"),
-            url=resp.url,
-        )
+        what = f"manifest {repository}:{selector}" if ":" not in selector else f"manifest {repository}@{selector}"
+        answer = self.get_small(f"{repository}/manifests/{selector}", headers={"Accept": ", ".join(accept)},
+                                cap=MAX_MANIFEST_BYTES, what=what)
+        return ManifestResponse(body=answer.body, content_type=answer.content_type,
+                                docker_content_digest=answer.headers.get("docker-content-digest"), url=answer.url)
 
     def open_blob(self, repository: str, digest: str, offset: int = 0) -> requests.Response:
         """Start a streaming GET of a blob (from `offset` with a Range request); the caller
@@ -230,16 +387,13 @@ class RegistryClient:
         """The referrers API answer (an image index) or None if not supported."""
         digest = validate_digest(digest, what="subject digest")
         path = f"{repository}/referrers/{digest}"
-        params = f"?artifactType={requests.utils.quote(artifact_type, safe='')}" if artifact_type else ""
+        params = f"?artifactType={urllib.parse.quote(artifact_type, safe='')}" if artifact_type else ""
         try:
-            resp = self.request("GET", path + params, stream=True,
-                                headers={"Accept": "application/vnd.oci.image.index.v1+json"},
-                                what=f"referrers of {repository}@{digest}")
+            answer = self.get_small(path + params, headers={"Accept": "application/vnd.oci.image.index.v1+json"},
+                                    cap=MAX_MANIFEST_BYTES, what=f"referrers of {repository}@{digest}")
         except NotFound:
             return None
-        with resp:
-            body = _read_capped(resp, MAX_MANIFEST_BYTES, f"referrers of {digest}")
-        ctype = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        body, ctype = answer.body, answer.content_type
         if ctype != "application/vnd.oci.image.index.v1+json":
             # Registries without the API may answer 200 with something else.
             return None
@@ -250,18 +404,20 @@ class RegistryClient:
         return data if isinstance(data, dict) else None
 
     def close(self) -> None:
-        self.session.close()
+        self._fast.close()
+        if self._oras_registry is not None:
+            self._oras_registry.session.close()
 
 
 def _read_capped(resp: requests.Response, cap: int, what: str) -> bytes:
     length = resp.headers.get("Content-Length")
     if length and length.isdigit() and int(length) > cap:
-        raise RegistryError(f"{what}: {length} bytes is more than the {cap} allowed")
+        raise AnswerTooLarge(f"{what}: {length} bytes is more than the {cap} allowed")
     chunks: list[bytes] = []
     total = 0
     for chunk in resp.iter_content(65536):
         total += len(chunk)
         if total > cap:
-            raise RegistryError(f"{what}: more than the {cap} bytes allowed")
+            raise AnswerTooLarge(f"{what}: more than the {cap} bytes allowed")
         chunks.append(chunk)
     return b"".join(chunks)

@@ -121,11 +121,14 @@ class BlobWriter:
 
 
 class Store:
-    def __init__(self, root: str | os.PathLike, *, durable: bool = False):
+    def __init__(self, root: str | os.PathLike, *, durable: bool = False, create: bool = True):
         """`durable`: fsync blobs and syncfs before publishing layers (survive power loss,
-        not only a killed process)."""
+        not only a killed process).  `create=False`: a reader of a store that exists (no
+        directories made, no staging litter cleaned)."""
         self.root = Path(root).absolute()
         self.durable = durable
+        if not create:
+            return
         for sub in ("blobs/sha256", "blobs/sha512", "layers", "images", "snapshots", "staging",
                     "locks"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)

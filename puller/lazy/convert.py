@@ -10,6 +10,7 @@ of equal chunks, and works the same for gzip, zstd and uncompressed layers.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -30,7 +31,8 @@ from ..resolve import Resolved, fetch_manifest, resolve
 from ..tarstream import TarFormatError, TarReader
 from ..unpack import Limits, _Refused, clean_name
 from .chunker import DEFAULT_CHUNK_SIZE, ChunkTable
-from .format import ARTIFACT_TYPE, DATA_MEDIA_TYPE, META_MEDIA_TYPE, Meta
+from .format import (ARTIFACT_TYPE, DATA_MEDIA_TYPE, META_DIGEST_ANNOTATION, META_MEDIA_TYPE, META_SIZE_ANNOTATION,
+                     Meta)
 from .push import file_digest, push_blob, push_manifest
 from .tree import MergedTree, TreeError
 
@@ -127,6 +129,13 @@ def build_meta(client: RegistryClient, resolved: Resolved, workdir: str, *,
     return meta, paths, table
 
 
+# Metadata up to this size rides inside the artifact manifest, and the artifact manifest inside
+# the referrers tag index (OCI `data`, checked against the digest like any fetched content):
+# a lazy pull then takes two requests after the image manifest's.  Larger ones are fetched,
+# keeping manifests far below registries' limits (4 MiB for Distribution).
+EMBED_MAX = 128 << 10
+
+
 def add_referrers_tag(client: RegistryClient, repo: str, subject: str, descriptor: dict) -> None:
     """Add `descriptor` to the `sha256-<hex>` tag index (for registries without the referrers API)."""
     tag = subject.replace(":", "-")
@@ -152,6 +161,7 @@ def index_image(ref: str | Reference, options: PullOptions | None = None, *,
         meta, paths, table = build_meta(client, resolved, tmp, chunk_size=chunk_size,
                                         limits=options.limits or Limits())
         repo = ref.repository
+        meta.config_raw = resolved.config_raw  # a lazy pull then needs no config request
         meta_bytes = meta.to_bytes()
         meta_digest = push_blob(client, repo, meta_bytes)
         for p in paths:
@@ -159,18 +169,23 @@ def index_image(ref: str | Reference, options: PullOptions | None = None, *,
         empty = push_blob(client, repo, EMPTY_CONFIG)
         subject = {"mediaType": resolved.manifest.media_type, "digest": resolved.manifest.digest,
                    "size": len(resolved.manifest.raw)}
-        annotations = {"io.sandbox-agent.lazy.chunk-size": str(chunk_size)}
+        annotations = {"io.sandbox-agent.lazy.chunk-size": str(chunk_size), META_DIGEST_ANNOTATION: meta_digest,
+                       META_SIZE_ANNOTATION: str(len(meta_bytes))}
+        meta_desc = {"mediaType": META_MEDIA_TYPE, "digest": meta_digest, "size": len(meta_bytes)}
+        if len(meta_bytes) <= EMBED_MAX:
+            meta_desc["data"] = base64.b64encode(meta_bytes).decode()
         doc = {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "artifactType": ARTIFACT_TYPE,
                "config": {"mediaType": mt.OCI_EMPTY, "digest": empty, "size": len(EMPTY_CONFIG)},
-               "layers": [{"mediaType": META_MEDIA_TYPE, "digest": meta_digest, "size": len(meta_bytes)}]
-               + [{"mediaType": DATA_MEDIA_TYPE, "digest": d, "size": s} for d, s in meta.blobs],
+               "layers": [meta_desc] + [{"mediaType": DATA_MEDIA_TYPE, "digest": d, "size": s} for d, s in meta.blobs],
                "subject": subject, "annotations": annotations}
         body = json.dumps(doc, indent=1).encode()
         art = push_manifest(client, repo, sha256_of(body), body, mt.OCI_MANIFEST)
         if client.referrers(repo, resolved.manifest.digest) is None:
-            add_referrers_tag(client, repo, resolved.manifest.digest,
-                              {"mediaType": mt.OCI_MANIFEST, "digest": art, "size": len(body),
-                               "artifactType": ARTIFACT_TYPE, "annotations": annotations})
+            entry = {"mediaType": mt.OCI_MANIFEST, "digest": art, "size": len(body),
+                     "artifactType": ARTIFACT_TYPE, "annotations": annotations}
+            if len(body) <= 2 * EMBED_MAX:
+                entry["data"] = base64.b64encode(body).decode()
+            add_referrers_tag(client, repo, resolved.manifest.digest, entry)
         files = sum(1 for n in meta.nodes if n.kind == "reg")
         log.info("indexed %s: %d files, %d chunks, %d of %d bytes stored", ref, files, len(table.chunks),
                  table.stored_bytes, table.raw_bytes)

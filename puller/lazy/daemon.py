@@ -13,7 +13,9 @@ import logging
 import os
 import signal
 import sys
+import _thread
 import threading
+from dataclasses import dataclass
 
 import pyfuse3
 import trio
@@ -33,7 +35,8 @@ log = logging.getLogger("puller.lazy")
 def drop_privileges() -> None:
     """Once the file system is mounted the daemon needs no capability: it reads and writes
     root-owned files as their owner, and unmounting is the remover's job.  So a bug reachable
-    from registry data or FUSE requests runs without CAP_SYS_ADMIN and friends."""
+    from registry data or FUSE requests runs without CAP_SYS_ADMIN and friends.  Capability
+    sets belong to a thread: this drops the calling thread's (and those it starts later)."""
     import ctypes
 
     if os.geteuid() != 0:
@@ -77,7 +80,7 @@ class _StatsWriter:
         os.replace(tmp, self.path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m puller.lazy.daemon")
     p.add_argument("--store", required=True)
     p.add_argument("--ref", required=True)
@@ -91,14 +94,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=4)
     p.add_argument("--amplify", type=int, default=AMPLIFY,
                    help="bytes of the chunks following a missed file end fetched along with it")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s",
-                        force=True)
-    store = Store(a.store)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    try:
+        state = prepare(a)
+    except NotLazy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return serve(state)
+
+
+class NotLazy(Exception):
+    """The reference names no lazily pulled image of the store."""
+
+
+@dataclass
+class Prepared:
+    """Everything the daemon needs before mounting, built without side effects a fork would
+    duplicate (no thread, socket or mount yet): a forking caller builds it before the fork,
+    where it costs less than in the child (whose first touch of each inherited page copies it)."""
+
+    args: argparse.Namespace
+    fs: LazyFS
+    fetcher: ChunkFetcher
+    cache: ChunkCache
+    stats: _StatsWriter
+    early: list[int]
+    around: list[int]
+
+
+def prepare(a: argparse.Namespace) -> Prepared:
+    store = Store(a.store, create=False)
     record = store.get_image(a.ref)
     if record is None or not record.get("lazy"):
-        print(f"error: {a.ref!r} is not a lazily pulled image in {a.store}", file=sys.stderr)
-        return 1
+        raise NotLazy(f"{a.ref!r} is not a lazily pulled image in {a.store}")
     meta = load_record_meta(store, record)
     lazy = record["lazy"]
     cache = ChunkCache(cache_dir(store))
@@ -106,13 +138,31 @@ def main(argv: list[str] | None = None) -> int:
     fetcher = ChunkFetcher(client, lazy["repository"], meta, cache, parallel=a.parallel)
     stats = _StatsWriter(a.stats, fetcher)
     fetcher.on_run_done = stats
-    fs = LazyFS(meta, cache, fetcher, amplify=a.amplify, recorder=AccessRecorder(a.record) if a.record else None, on_fetch=stats)
+    fs = LazyFS(meta, cache, fetcher, amplify=a.amplify, recorder=AccessRecorder(a.record) if a.record else None,
+                on_fetch=stats)
     prefetch = []
     if a.prefetch:
         with open(a.prefetch) as f:
             prefetch = [line.strip() for line in f if line.strip()]
     entry = _entrypoint_chunks(store, record, meta)
+    # Without a recorded list the entrypoint's neighbours in the blob come along, as they
+    # would with a read miss at its end.
+    around = fs.read_around(entry[-1]) if entry and not prefetch else []
     early = entry + chunks_of(meta, prefetch)
+    # The first request of the early fetch goes out now: the registry answers while the file
+    # system starts (a forked daemon inherits the connection and reads the answer).
+    fetcher.presend(list(dict.fromkeys(early))[:EARLY_BATCH], around)
+    return Prepared(a, fs, fetcher, cache, stats, early, around)
+
+
+def serve(state: Prepared) -> int:
+    """Mount and serve until unmounted."""
+    a, fs, fetcher, stats = state.args, state.fs, state.fetcher, state.stats
+    # A fetch thread woken by its socket waits for the interpreter until the thread holding it
+    # lets go, by default after up to 5 ms: a read blocked on that chunk waits too.
+    sys.setswitchinterval(0.0005)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s",
+                        force=True)
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
     options |= {"fsname=puller-lazy", "subtype=puller-lazy", "ro", "allow_other", "default_permissions"}
@@ -124,30 +174,30 @@ def main(argv: list[str] | None = None) -> int:
         os.close(a.ready_fd)
     # Fetching starts now, while the overlay above the mount and the container's start are
     # still under way: the entrypoint's program first (every run execs it), then the recorded
-    # prefetch list.  (Not before the ready signal: on a busy machine the fetch thread would
-    # compete with the mount for the interpreter and delay it.)  Without a recorded list the
-    # entrypoint's neighbours in the blob come along, as they would with a read miss at its end.
-    around = fs.read_around(entry[-1]) if entry and not prefetch else []
-    prefetcher = threading.Thread(target=_fetch_early, args=(fetcher, early, stats),
-                                  kwargs={"around": around}, daemon=True, name="prefetch")
-    prefetcher.start()
+    # prefetch list.  (Starting it before the mount measured no sooner first output: on two
+    # busy cores the fetch and the mount only slow each other down.)  _thread, not threading:
+    # Thread.start() waits until the new thread runs, which on a busy machine holds up the
+    # FUSE loop the overlay mount waits for.
+    prefetched = threading.Event()
+    _thread.start_new_thread(_fetch_early, (fetcher, state.early, stats),
+                             {"around": state.around, "done": prefetched})
     try:
-        trio.run(_serve_until_unmounted, fs, prefetcher, a.whole, stats)
+        trio.run(_serve_until_unmounted, fs, prefetched, a.whole, stats)
     finally:
         # Without capabilities the unmount here fails unless the mount is already gone
         # (fusermount3 -u by the remover, the usual way out); the remover falls back to umount -l.
         pyfuse3.close(unmount=True)
         stats(force=True)
         fetcher.close()
-        cache.close()
+        state.cache.close()
     return 0
 
 
-async def _serve_until_unmounted(fs: LazyFS, prefetcher: threading.Thread, whole: bool,
+async def _serve_until_unmounted(fs: LazyFS, prefetched: threading.Event, whole: bool,
                                  stats: _StatsWriter) -> None:
     async with trio.open_nursery() as nursery:
         async def background() -> None:
-            await trio.to_thread.run_sync(prefetcher.join, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(prefetched.wait, abandon_on_cancel=True)
             if whole:
                 await fetch_in_background(fs, list(range(len(fs.meta.chunks))), "whole-image fetch")
             stats(force=True)
@@ -180,10 +230,27 @@ def _entrypoint_chunks(store: Store, record: dict, meta: Meta) -> list[int]:
     return []
 
 
-def _fetch_early(fetcher: ChunkFetcher, ids: list[int], stats: _StatsWriter, batch: int = 8,
-                 around: list[int] | tuple = ()) -> None:
+EARLY_BATCH = 8
+
+
+def _fetch_early(fetcher: ChunkFetcher, ids: list[int], stats: _StatsWriter, batch: int = EARLY_BATCH,
+                 around: list[int] | tuple = (), done: threading.Event | None = None) -> None:
     """Prefetch in batches (so reads are not starved of request slots); failures surface
-    again, as EIO, on the read that needs the chunk.  `around` rides with the first batch."""
+    again, as EIO, on the read that needs the chunk.  `around` rides with the first batch.
+    Runs in a thread of its own, which drops its capabilities first (the main thread did so
+    already; capability sets are per thread, so this holds whoever starts it)."""
+    try:
+        drop_privileges()
+        _fetch_batches(fetcher, ids, stats, batch, around)
+    except BaseException:  # noqa: BLE001 - a bare thread: say what happened, never die silently
+        log.exception("lazy: early prefetch failed")
+    finally:
+        if done is not None:
+            done.set()
+
+
+def _fetch_batches(fetcher: ChunkFetcher, ids: list[int], stats: _StatsWriter, batch: int,
+                   around: list[int] | tuple) -> None:
     ids = list(dict.fromkeys(ids))
     failed = 0
     for k in range(0, len(ids), batch):

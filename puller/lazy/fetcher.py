@@ -13,7 +13,7 @@ import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 from ..errors import PullError
 from ..registry import RegistryClient
@@ -78,10 +78,34 @@ class ChunkFetcher:
         # read-around requests a reader does not wait for to the end (ensure with `extra`)
         self._fg = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="chunk-fg")
         self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-ahead")
+        self._check_pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="chunk-check")
         self._ahead_pending = threading.Semaphore(2)  # at most two windows queued ahead
         self._lock = threading.Lock()
         self._inflight: dict[str, threading.Event] = {}
         self._failed: dict[str, str] = {}
+        self._sent: tuple[tuple[int, int, int], object] | None = None  # see presend
+
+    def presend(self, ids: list[int], extra: list[int] | tuple = ()) -> None:
+        """Send the first range request ensure(ids, extra) will make, now, without a thread
+        (so before a fork: the child inherits the connection and reads the answer), to have
+        the registry's answer under way while the file system starts."""
+        have = self.cache.has
+        chunks = [self.meta.chunks[i] for i in dict.fromkeys([*ids, *extra])]
+        runs = plan_ranges([c for c in chunks if not have(c.digest)], self.merge_gap, self.max_request)
+        if not runs:
+            return
+        run = runs[0]
+        key = (run[0].blob, run[0].offset, max(c.offset + c.stored for c in run))
+        sent = self.client.send_range(self.repository, self.meta.blobs[key[0]][0], key[1], key[2])
+        if sent is not None:
+            self._sent = (key, sent)
+
+    def _take_sent(self, key: tuple[int, int, int]):
+        with self._lock:
+            if self._sent is None or self._sent[0] != key:
+                return None
+            sent, self._sent = self._sent[1], None
+            return sent
 
     def ensure(self, ids: list[int], extra: list[int] | tuple = ()) -> None:
         """Return once all chunks `ids` are in the cache; ChunkError if one cannot be.
@@ -147,34 +171,50 @@ class ChunkFetcher:
         self._ahead.submit(run)
 
     def _fetch_run(self, run: list[Chunk]) -> None:
-        """One range request for `run`; each chunk is verified and published as soon as its
-        bytes have arrived, so the reader of the first chunk does not wait for the whole range
-        (which is what makes large read-around requests cheap for the reader)."""
+        """One range request for `run`; each chunk is read into a buffer of its own, verified
+        and published as soon as its bytes have arrived, so the reader of the first chunk does
+        not wait for the whole range (which is what makes large read-around requests cheap for
+        the reader).  Chunks of one run never overlap (plan_ranges)."""
         blob_digest = self.meta.blobs[run[0].blob][0]
         start = run[0].offset
         end = max(c.offset + c.stored for c in run)
         pending = deque(sorted(run, key=lambda c: c.offset))
+        got = 0
+        checks = []
+        sent = self._take_sent((run[0].blob, start, end))
         try:
             with self._slots:
-                buf = bytearray()
-                buf_start = start
-                for part in self._range_parts(blob_digest, start, end):
-                    buf += part
-                    buf_end = buf_start + len(buf)
-                    while pending and pending[0].offset + pending[0].stored <= buf_end:
-                        c = pending.popleft()
-                        lo = c.offset - buf_start
-                        self._publish(c, bytes(buf[lo:lo + c.stored]), blob_digest)
-                    keep = pending[0].offset if pending else buf_end
-                    if keep > buf_start:  # bytes before the next chunk wanted are done with
-                        del buf[:keep - buf_start]
-                        buf_start = keep
+                with self.client.open_range(self.repository, blob_digest, start, end,
+                                            f"range {start}-{end - 1} of blob {self.repository}@{blob_digest}",
+                                            sent=sent) as body:
+                    pos = start
+                    while pending:
+                        c = pending[0]
+                        if c.offset > pos:  # a gap merged into the request: read and drop
+                            got += _read_exactly(body, bytearray(c.offset - pos), end - start, got)
+                        buf = bytearray(c.stored)
+                        got += _read_exactly(body, buf, end - start, got)
+                        pos = c.offset + c.stored
+                        # Checked and written by a second stage while this one receives the
+                        # next chunk (hashing, decompressing and writing release the GIL).
+                        checks.append((c, self._check_pool.submit(self._publish, c, buf, blob_digest)))
+                        pending.popleft()
+                    if body.readinto(bytearray(1)):
+                        raise ChunkError(f"registry sent more than the {end - start} bytes asked for")
+                self.stats.add(requests=1, nbytes=got)
         except Exception as exc:  # noqa: BLE001 - every waiter must be woken with the reason
             msg = (f"lazy: fetching {len(run)} chunk(s) of blob {blob_digest} from {self.client.host} "
                    f"failed: {exc}")
             log.error("%s", msg)
             for c in pending:
                 self._fail(c, msg)
+            if got:
+                self.stats.add(requests=1, nbytes=got)
+        for c, f in checks:
+            try:
+                f.result()
+            except Exception as exc:  # noqa: BLE001 - _publish reports its own; anything else too
+                self._fail(c, f"lazy: checking chunk {c.digest} failed: {exc!r}")
         if self.on_run_done is not None:
             self.on_run_done()
 
@@ -187,7 +227,13 @@ class ChunkFetcher:
             log.error("%s", msg)
             self._fail(c, msg)
             return
-        self.cache.put(c.digest, plain)
+        try:
+            self.cache.put(c.digest, plain)
+        except OSError as exc:
+            msg = f"lazy: cannot write chunk {c.digest} to the cache: {exc}"
+            log.error("%s", msg)
+            self._fail(c, msg)
+            return
         self.stats.add(chunks=1)
         self._done(c)
 
@@ -205,27 +251,25 @@ class ChunkFetcher:
         if ev is not None:
             ev.set()
 
-    def _range_parts(self, blob_digest: str, start: int, end: int) -> Iterator[bytes]:
-        """The bytes of [start, end) of the blob as they arrive; ChunkError when the registry
-        sends more or fewer than asked for (chunks completed before that were verified and stay)."""
-        resp = self.client.request(
-            "GET", f"{self.repository}/blobs/{blob_digest}", stream=True, ok=(206,),
-            headers={"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"},
-            what=f"range {start}-{end - 1} of blob {self.repository}@{blob_digest}")
-        want = end - start
-        got = 0
-        with resp:
-            for part in resp.iter_content(256 << 10):
-                got += len(part)
-                if got > want:
-                    raise ChunkError(f"registry sent more than the {want} bytes asked for")
-                yield part
-        self.stats.add(requests=1, nbytes=got)
-        if got != want:
-            raise ChunkError(f"registry sent {got} of the {want} bytes asked for")
-
     def close(self) -> None:
+        with self._lock:
+            if self._sent is not None:
+                self._sent[1].close()
+                self._sent = None
         self._ahead.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._fg.shutdown(wait=True, cancel_futures=True)
+        self._check_pool.shutdown(wait=True)
         self.client.close()
+
+
+def _read_exactly(body, buf: bytearray, want: int, got: int) -> int:
+    """Fill `buf` from `body`; ChunkError naming the shortfall when the answer ends early."""
+    view = memoryview(buf)
+    n = 0
+    while n < len(buf):
+        k = body.readinto(view[n:])
+        if not k:
+            raise ChunkError(f"registry sent {got + n} of the {want} bytes asked for")
+        n += k
+    return n

@@ -9,6 +9,13 @@ one already stored (in this layer or any lower one) is not stored again: files p
 same entry.  Because a layer's data blob holds only chunks new relative to the layers below
 it, it depends only on the layer's ChainID, so images sharing base layers share data blobs.
 
+So that a lazy pull takes few requests, the metadata may carry the image config's bytes
+("config", base64), the artifact manifest may embed the metadata blob in its descriptor, and
+the referrers tag entry the artifact manifest (OCI `data`); the artifact's annotations
+META_DIGEST_ANNOTATION / META_SIZE_ANNOTATION name the metadata blob.  Each embedded copy is
+checked against the digest that names it, and is only a shortcut: without it (or when it does
+not match) the same content is fetched by digest.
+
 Everything here is untrusted input: load_meta() checks paths, indices, ranges and digests so
 the file system can index without further checks.
 """
@@ -16,7 +23,9 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ..digest import parse_digest
 from ..errors import InvalidDigest, ManifestError
@@ -24,6 +33,10 @@ from ..errors import InvalidDigest, ManifestError
 ARTIFACT_TYPE = "application/vnd.sandbox-agent.lazy.v1"
 META_MEDIA_TYPE = "application/vnd.sandbox-agent.lazy.meta.v1+json+zstd"
 DATA_MEDIA_TYPE = "application/vnd.sandbox-agent.lazy.chunks.v1"
+# Annotations of the artifact (copied into referrers entries) naming its metadata blob, so a
+# puller can fetch the metadata side by side with the artifact manifest.
+META_DIGEST_ANNOTATION = "io.sandbox-agent.lazy.meta"
+META_SIZE_ANNOTATION = "io.sandbox-agent.lazy.meta-size"
 FORMAT_VERSION = 1
 MAX_META_BYTES = 512 << 20  # uncompressed metadata JSON
 KINDS = ("reg", "dir", "lnk", "chr", "blk", "fifo")
@@ -33,8 +46,9 @@ class MetaError(ManifestError):
     """Lazy metadata that is malformed or does not fit its image."""
 
 
-@dataclass(frozen=True)
-class Chunk:
+class Chunk(NamedTuple):
+    """A tuple: immutable, and built fast (metadata of a large image has many thousands)."""
+
     digest: str  # sha256 of the uncompressed bytes
     blob: int  # index into Meta.blobs
     offset: int  # where the stored bytes start in that blob
@@ -68,6 +82,9 @@ class Meta:
     blobs: list[tuple[str, int]]  # (digest, size) of each data blob, in artifact order
     chunks: list[Chunk]
     nodes: list[Node]  # parents before children
+    # The image config's bytes, carried along so a lazy pull need not fetch it (checked there
+    # against the manifest's config descriptor, like a fetched one).
+    config_raw: bytes | None = None
 
     def to_bytes(self) -> bytes:
         import zstandard
@@ -93,8 +110,15 @@ class Meta:
                "chunks": [[c.digest.split(":", 1)[1], c.blob, c.offset, c.stored, c.size, int(c.zstd)]
                           for c in self.chunks],
                "nodes": nodes}
+        if self.config_raw is not None:
+            doc["config"] = base64.b64encode(self.config_raw).decode()
         raw = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
         return zstandard.ZstdCompressor(level=10).compress(raw)
+
+
+_MAX = 1 << 62
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_NO_RDEV = [0, 0]
 
 
 def _int(v: object, what: str, lo: int = 0, hi: int = 1 << 62) -> int:
@@ -131,24 +155,34 @@ def load_meta(blob: bytes, subject: str) -> Meta:
         except InvalidDigest as exc:
             raise MetaError(f"lazy metadata: {exc}") from None
         blobs.append((d, _int(b.get("size"), f"blobs[{i}].size")))
+    # The checks below are written out (no helper call, no message built unless one fails):
+    # load_meta runs on every lazy pull and every mount, for up to hundreds of thousands of
+    # entries.
     chunks = []
+    nblobs = len(blobs)
+    max_stored = 2 * chunk_size + 1024
+    hex64 = _HEX64.fullmatch
     for i, c in enumerate(doc.get("chunks") or []):
-        if not isinstance(c, list) or len(c) != 6:
+        if type(c) is not list or len(c) != 6:
             raise MetaError(f"lazy metadata: chunks[{i}] is not a 6-element list")
-        try:
-            digest = str(parse_digest(f"sha256:{c[0]}", what=f"chunks[{i}]"))
-        except InvalidDigest as exc:
-            raise MetaError(f"lazy metadata: {exc}") from None
-        bi = _int(c[1], f"chunks[{i}].blob", 0, len(blobs) - 1)
-        off = _int(c[2], f"chunks[{i}].offset")
-        stored = _int(c[3], f"chunks[{i}].stored", 0, 2 * chunk_size + 1024)
+        h, bi, off, stored, size, z = c
+        if type(h) is not str or not hex64(h):
+            raise MetaError(f"lazy metadata: chunks[{i}]: {h!r:.80} is not 64 lowercase hex digits of a sha256")
+        if not (type(bi) is int and 0 <= bi < nblobs and type(off) is int and 0 <= off <= _MAX
+                and type(stored) is int and 0 <= stored <= max_stored and type(size) is int
+                and 0 <= size <= chunk_size):
+            _int(bi, f"chunks[{i}].blob", 0, nblobs - 1)
+            _int(off, f"chunks[{i}].offset")
+            _int(stored, f"chunks[{i}].stored", 0, max_stored)
+            _int(size, f"chunks[{i}].size", 0, chunk_size)
         if off + stored > blobs[bi][1]:
             raise MetaError(f"lazy metadata: chunks[{i}] ends at {off + stored}, past its blob's {blobs[bi][1]} bytes")
-        chunks.append(Chunk(digest, bi, off, stored, _int(c[4], f"chunks[{i}].size", 0, chunk_size), bool(c[5])))
+        chunks.append(Chunk("sha256:" + h, bi, off, stored, size, bool(z)))
+    nchunks = len(chunks)
     nodes: list[Node] = []
     by_path: dict[str, Node] = {}
     for i, d in enumerate(doc.get("nodes") or []):
-        if not isinstance(d, dict):
+        if type(d) is not dict:
             raise MetaError(f"lazy metadata: nodes[{i}] is not an object")
         p = _path(d.get("p"), f"nodes[{i}]")
         if p in by_path:
@@ -166,30 +200,50 @@ def load_meta(blob: bytes, subject: str) -> Meta:
             kind = d.get("k")
             if kind not in KINDS:
                 raise MetaError(f"lazy metadata: {p!r} has unknown kind {kind!r:.20}")
-            xattrs = d.get("x") or {}
-            if not isinstance(xattrs, dict):
-                raise MetaError(f"lazy metadata: {p!r}: xattrs are not an object")
-            try:
-                xa = {str(k): base64.b64decode(v, validate=True) for k, v in xattrs.items()}
-            except (ValueError, TypeError):
-                raise MetaError(f"lazy metadata: {p!r}: an xattr value is not base64") from None
-            if any(k.startswith(("trusted.overlay.", "user.overlay.")) for k in xa):
-                raise MetaError(f"lazy metadata: {p!r} carries an overlayfs-private xattr")
+            xattrs = d.get("x")
+            xa: dict[str, bytes] = {}
+            if xattrs:
+                if not isinstance(xattrs, dict):
+                    raise MetaError(f"lazy metadata: {p!r}: xattrs are not an object")
+                try:
+                    xa = {str(k): base64.b64decode(v, validate=True) for k, v in xattrs.items()}
+                except (ValueError, TypeError):
+                    raise MetaError(f"lazy metadata: {p!r}: an xattr value is not base64") from None
+                if any(k.startswith(("trusted.overlay.", "user.overlay.")) for k in xa):
+                    raise MetaError(f"lazy metadata: {p!r} carries an overlayfs-private xattr")
             target = d.get("l", "")
-            rdev = d.get("r", [0, 0])
-            if not isinstance(target, str) or not isinstance(rdev, list) or len(rdev) != 2:
+            rdev = d.get("r", _NO_RDEV)
+            if type(target) is not str or type(rdev) is not list or len(rdev) != 2:
                 raise MetaError(f"lazy metadata: {p!r}: bad link target or device numbers")
-            n = Node(p, kind, _int(d.get("m"), f"{p!r} mode", 0, 0o7777), _int(d.get("u"), f"{p!r} uid", 0, 2**32 - 1),
-                     _int(d.get("g"), f"{p!r} gid", 0, 2**32 - 1), _int(d.get("t"), f"{p!r} mtime", -(1 << 62)),
-                     0, target, (_int(rdev[0], "major"), _int(rdev[1], "minor")), xa, [], i + 1)
+            m, u, g, t = d.get("m"), d.get("u"), d.get("g"), d.get("t")
+            if not (type(m) is int and 0 <= m <= 0o7777 and type(u) is int and 0 <= u < 1 << 32
+                    and type(g) is int and 0 <= g < 1 << 32 and type(t) is int and -_MAX <= t <= _MAX):
+                _int(m, f"{p!r} mode", 0, 0o7777)
+                _int(u, f"{p!r} uid", 0, 2**32 - 1)
+                _int(g, f"{p!r} gid", 0, 2**32 - 1)
+                _int(t, f"{p!r} mtime", -(1 << 62))
+            n = Node(p, kind, m, u, g, t, 0, target, (_int(rdev[0], "major"), _int(rdev[1], "minor")), xa, [], i + 1)
             if kind == "reg":
-                n.size = _int(d.get("s"), f"{p!r} size")
+                size = d.get("s")
+                if type(size) is not int or not 0 <= size <= _MAX:
+                    _int(size, f"{p!r} size")
+                n.size = size
                 ids = d.get("c")
-                if not isinstance(ids, list):
+                if type(ids) is not list:
                     raise MetaError(f"lazy metadata: {p!r}: chunk list missing")
-                n.chunks = [_int(c, f"{p!r} chunk index", 0, len(chunks) - 1) for c in ids]
-                sizes = [chunks[c].size for c in n.chunks]
-                if sum(sizes) != n.size or any(s != chunk_size for s in sizes[:-1]):
+                for c in ids:
+                    if type(c) is not int or not 0 <= c < nchunks:
+                        _int(c, f"{p!r} chunk index", 0, nchunks - 1)
+                n.chunks = ids
+                total = 0
+                last = len(ids) - 1
+                for k, c in enumerate(ids):
+                    cs = chunks[c].size
+                    if cs != chunk_size and k != last:
+                        total = -1
+                        break
+                    total += cs
+                if total != size:
                     raise MetaError(f"lazy metadata: {p!r}: chunks do not add up to its {n.size} bytes "
                                     f"in pieces of {chunk_size}")
         if p == "" and n.kind != "dir":
@@ -198,4 +252,12 @@ def load_meta(blob: bytes, subject: str) -> Meta:
         nodes.append(n)
     if not nodes or nodes[0].path != "":
         raise MetaError("lazy metadata: the tree does not start with its root directory")
-    return Meta(subject, chunk_size, blobs, chunks, nodes)
+    config_raw = None
+    if "config" in doc:
+        try:
+            config_raw = base64.b64decode(doc["config"], validate=True) if isinstance(doc["config"], str) else None
+        except ValueError:
+            config_raw = None
+        if config_raw is None:
+            raise MetaError("lazy metadata: the embedded image config is not base64")
+    return Meta(subject, chunk_size, blobs, chunks, nodes, config_raw)

@@ -13,14 +13,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..digest import chain_ids, parse_digest
-from ..errors import ManifestError, NotFound
+from ..errors import InvalidDigest, ManifestError, NotFound, PullError
 from ..fetch import fetch_small_blob
-from ..manifest import Descriptor, Index, Manifest, parse_descriptor
+from ..manifest import Descriptor, Index, Manifest, parse_descriptor, parse_manifest
 from ..pull import PullOptions, _store_blob
 from ..reference import Reference, parse_reference
 from ..registry import RegistryClient
 from ..resolve import MAX_CONFIG_BYTES, Resolved, fetch_manifest, parse_image_config, resolve
-from .format import ARTIFACT_TYPE, DATA_MEDIA_TYPE, META_MEDIA_TYPE, MAX_META_BYTES, Meta, MetaError, load_meta
+from .format import (ARTIFACT_TYPE, DATA_MEDIA_TYPE, MAX_META_BYTES, META_DIGEST_ANNOTATION, META_MEDIA_TYPE,
+                     META_SIZE_ANNOTATION, Meta, MetaError, load_meta)
 
 log = logging.getLogger(__name__)
 
@@ -72,42 +73,84 @@ def _referrers(client: RegistryClient, repo: str, subject: str) -> list[Descript
     return [e for e in entries if e.artifact_type == ARTIFACT_TYPE]
 
 
+def _announced_meta(desc: Descriptor) -> tuple[str, int] | None:
+    """(digest, size) of the metadata blob the referrers entry announces, if it does sensibly."""
+    a = desc.annotations if isinstance(desc.annotations, dict) else {}
+    digest, size = a.get(META_DIGEST_ANNOTATION), a.get(META_SIZE_ANNOTATION)
+    if not isinstance(digest, str) or not isinstance(size, str) or not size.isdigit() or int(size) > MAX_META_BYTES:
+        return None
+    try:
+        return str(parse_digest(digest)), int(size)
+    except InvalidDigest:
+        return None
+
+
 def _find_artifact(client: RegistryClient, repo: str, subject: str) -> tuple[str, str, Meta, bytes] | None:
     """(artifact digest, metadata digest, metadata, its raw bytes) of the newest valid lazy
-    artifact whose subject is the manifest `subject`."""
+    artifact whose subject is the manifest `subject`.
+
+    What the converter embeds is used without a request: the artifact manifest inside the
+    referrers entry, the metadata inside the manifest (both checked against their digests when
+    parsed).  Otherwise, when the referrers entry announces the metadata blob (annotations),
+    the blob is fetched side by side with the artifact manifest and used only if the manifest,
+    checked as always, names that very blob."""
     for desc in reversed(_referrers(client, repo, subject)):  # the tag schema appends: last is newest
-        doc = fetch_manifest(client, repo, desc.digest)
         where = f"lazy artifact {repo}@{desc.digest}"
-        if not isinstance(doc, Manifest) or doc.artifact_type != ARTIFACT_TYPE:
-            raise MetaError(f"{where}: not a {ARTIFACT_TYPE} manifest")
-        if doc.subject is None or doc.subject.digest != subject:
-            raise MetaError(f"{where}: its subject is not the image {subject}")
-        if not doc.layers or doc.layers[0].media_type != META_MEDIA_TYPE:
-            raise MetaError(f"{where}: first layer is not {META_MEDIA_TYPE}")
-        raw = fetch_small_blob(client, repo, doc.layers[0].digest, doc.layers[0].size,
-                               cap=MAX_META_BYTES, what=f"{where} metadata")
+        doc = None
+        if desc.data is not None:
+            doc = parse_manifest(desc.data, desc.media_type, source=where, expected_digest=desc.digest)
+        announced = _announced_meta(desc) if doc is None else None
+        early = None
+        with ThreadPoolExecutor(max_workers=1) as ex:
+            if announced is not None:
+                early = ex.submit(fetch_small_blob, client, repo, announced[0], announced[1],
+                                  cap=MAX_META_BYTES, what=f"{where} metadata")
+            if doc is None:
+                doc = fetch_manifest(client, repo, desc.digest)
+            if not isinstance(doc, Manifest) or doc.artifact_type != ARTIFACT_TYPE:
+                raise MetaError(f"{where}: not a {ARTIFACT_TYPE} manifest")
+            if doc.subject is None or doc.subject.digest != subject:
+                raise MetaError(f"{where}: its subject is not the image {subject}")
+            if not doc.layers or doc.layers[0].media_type != META_MEDIA_TYPE:
+                raise MetaError(f"{where}: first layer is not {META_MEDIA_TYPE}")
+            layer = doc.layers[0]
+            raw = layer.data
+            if raw is None and early is not None and announced == (layer.digest, layer.size):
+                try:
+                    raw = early.result()
+                except PullError as exc:
+                    log.debug("%s: announced metadata unusable (%s); fetching it again", where, exc)
+        if raw is None:
+            raw = fetch_small_blob(client, repo, layer.digest, layer.size, cap=MAX_META_BYTES,
+                                   what=f"{where} metadata")
         meta = load_meta(raw, subject)
         listed = [(d.digest, d.size) for d in doc.layers[1:] if d.media_type == DATA_MEDIA_TYPE]
         if listed != meta.blobs:
             raise MetaError(f"{where}: the metadata's data blobs differ from the artifact's layers")
-        return doc.digest, doc.layers[0].digest, meta, raw
+        return doc.digest, layer.digest, meta, raw
     return None
 
 
 def resolve_and_find(client: RegistryClient, ref: Reference, platform=None) -> tuple[Resolved, LazyImage | None]:
     """resolve() and find_meta() in fewer round trips: when the reference names an image
-    manifest (no index), its config and the lazy artifact are fetched side by side."""
+    manifest (no index), the lazy artifact is looked for first, and the image config taken
+    from its metadata when it carries it (checked against the manifest's config descriptor),
+    else fetched."""
     doc = fetch_manifest(client, ref.repository, ref.selector)
     if not isinstance(doc, Manifest) or not doc.is_image:
         resolved = resolve(client, ref, platform)  # indexes, artifacts: the general way (and its errors)
         return resolved, find_meta(client, resolved)
-    with ThreadPoolExecutor(max_workers=1) as ex:
-        artifact = ex.submit(_find_artifact, client, ref.repository, doc.digest)
-        what = f"config {doc.config.digest} of {ref}"
+    found = _find_artifact(client, ref.repository, doc.digest)
+    what = f"config {doc.config.digest} of {ref}"
+    config_raw = found[2].config_raw if found is not None else None
+    if config_raw is not None and not (len(config_raw) == doc.config.size
+                                       and parse_digest(doc.config.digest).matches(config_raw)):
+        log.warning("%s: the config in the lazy metadata is not the manifest's; fetching it", what)
+        config_raw = None
+    if config_raw is None:
         config_raw = fetch_small_blob(client, ref.repository, doc.config.digest, doc.config.size,
                                       cap=MAX_CONFIG_BYTES, what=what)
-        config = parse_image_config(config_raw, what, len(doc.layers))
-        found = artifact.result()
+    config = parse_image_config(config_raw, what, len(doc.layers))
     resolved = Resolved(ref, doc, None, None, config_raw, config)
     return resolved, None if found is None else LazyImage(str(ref), resolved, *found)
 

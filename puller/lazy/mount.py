@@ -23,6 +23,11 @@ from ..snapshot import SnapshotError
 from ..store import Store
 
 READY_TIMEOUT = 30.0
+# The kernel asks a FUSE file system for at most its read-ahead window per read (128 KiB by
+# default, what the FUSE handshake settles on); every request is a round trip through the
+# daemon.  A 1 MiB window - a chunk - makes a sequential or mmap'd read of a chunk one request
+# instead of eight.
+READAHEAD_KB = 1024
 
 
 @dataclass
@@ -65,6 +70,31 @@ class LazySnapshot:
                 os.rmdir(self.dest)
         if self.dir.exists():
             fsutil.rmtree_at_path(self.dir)
+
+
+def raise_readahead(mountpoint: str, kb: int) -> None:
+    """Set the read-ahead of the mount at `mountpoint`, found in mountinfo (a stat would be a
+    request to the daemon).  Best effort: only speed depends on it."""
+    real = os.path.realpath(os.path.dirname(mountpoint))  # mountinfo names real paths
+    target = os.path.join(real, os.path.basename(mountpoint))
+    dev = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and _unescape(fields[4]) == target:
+                    dev = fields[2]  # major:minor; the last line is the newest mount
+        if dev is not None:
+            with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+                f.write(str(kb))
+    except OSError:
+        pass
+
+
+def _unescape(path: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    import re
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
 
 
 def _start_time(pid: int) -> str:
@@ -135,12 +165,30 @@ def make_lazy_snapshot(store: Store, ref: str, dest: str | os.PathLike, *, snaps
             created = True
         for sub in ("lower", "upper", "work"):
             (sdir / sub).mkdir()
-        pid = _start_daemon(store, ref, sdir, whole=whole, prefetch=prefetch, record=record, timeout=timeout,
-                            fork=fork, amplify=amplify)
-        snap = LazySnapshot(sid, dest, ref, pid, store, created, _start_time(pid))
-        store.put_snapshot_record(sid, snap.record())
+        # The chunk cache's gc must count this snapshot's chunks as in use before its daemon
+        # can look at the cache: the gc lock's shared side is held until the record exists.
+        pin: int | None = _pin(store)
+
+        def started(pid: int) -> None:
+            # Recorded (for the remover and the chunk gc) while the daemon starts, not after.
+            nonlocal snap, pin
+            try:
+                snap = LazySnapshot(sid, dest, ref, pid, store, created, _start_time(pid))
+                store.put_snapshot_record(sid, snap.record())
+            finally:
+                os.close(pin)
+                pin = None
+
+        try:
+            _start_daemon(store, ref, sdir, whole=whole, prefetch=prefetch, record=record, timeout=timeout,
+                          fork=fork, amplify=amplify, started=started, pin=pin)
+        finally:
+            if pin is not None:
+                os.close(pin)
         fsutil.mount("overlay", str(dest), "overlay", 0,
                      f"lowerdir={sdir / 'lower'},upperdir={sdir / 'upper'},workdir={sdir / 'work'}")
+        # After the overlay mount the FUSE handshake is surely done (it sets the window too).
+        raise_readahead(str(sdir / "lower"), READAHEAD_KB)
         return snap
     except BaseException:
         if snap is not None:
@@ -154,7 +202,9 @@ def make_lazy_snapshot(store: Store, ref: str, dest: str | os.PathLike, *, snaps
 
 def _start_daemon(store: Store, ref: str, sdir: Path, *, whole: bool, prefetch: str | None,
                   record: str | None, timeout: float | None, fork: bool = False,
-                  amplify: int | None = None) -> int:
+                  amplify: int | None = None, started=None, pin: int | None = None) -> int:
+    """Start the daemon and wait for it to serve; `started(pid)` is called in between.  A
+    forked daemon closes its copy of the fd `pin` first thing."""
     r, w = os.pipe()
     cmd = ["--store", str(store.root), "--ref", ref,
            "--mountpoint", str(sdir / "lower"), "--ready-fd", str(w), "--stats", str(sdir / "stats.json")]
@@ -169,7 +219,7 @@ def _start_daemon(store: Store, ref: str, sdir: Path, *, whole: bool, prefetch: 
     if amplify is not None:
         cmd += ["--amplify", str(amplify)]
     if fork:
-        pid = _fork_daemon(cmd, sdir / "daemon.log", r, w)
+        pid = _fork_daemon(cmd, sdir / "daemon.log", r, w, pin)
         proc = None
     else:
         env = dict(os.environ)
@@ -181,6 +231,8 @@ def _start_daemon(store: Store, ref: str, sdir: Path, *, whole: bool, prefetch: 
         pid = proc.pid
     os.close(w)
     try:
+        if started is not None:
+            started(pid)
         ready, _, _ = select.select([r], [], [], READY_TIMEOUT)
         line = os.read(r, 64) if ready else b""
     finally:
@@ -198,21 +250,52 @@ def _start_daemon(store: Store, ref: str, sdir: Path, *, whole: bool, prefetch: 
     raise SnapshotError(f"lazy file system for {ref} did not start: {tail}")
 
 
-def _fork_daemon(argv: list[str], log: Path, r: int, w: int) -> int:
+def _pin(store: Store) -> int:
+    """An fd holding the shared side of the store's gc lock (what Store.pin() holds), for a
+    caller that forks: the child closes its copy, and the lock goes with the parent's."""
+    import fcntl
+    fd = os.open(store._lock_path("gc"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _fork_daemon(argv: list[str], log: Path, r: int, w: int, pin: int | None = None) -> int:
+    import gc
+
     from . import daemon  # imported before the fork: the child must not pay for it
+    try:
+        # Built here rather than in the child, where every first touch of an inherited page
+        # copies it: the same work costs the child two to three times as much.
+        state = daemon.prepare(daemon.parse_args(argv))
+    except BaseException as exc:
+        os.close(r)
+        os.close(w)
+        if isinstance(exc, daemon.NotLazy):
+            raise SnapshotError(str(exc)) from None
+        raise
+    # The child's collections would otherwise walk (and so copy, page by page) every object
+    # it inherited; frozen, they are left alone.
+    gc.freeze()
     pid = os.fork()
     if pid:
+        gc.unfreeze()
         return pid
     code = 1
     try:
         os.setsid()
         os.close(r)
+        if pin is not None:
+            os.close(pin)
         fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
-        code = daemon.main(argv)
+        code = daemon.serve(state)
     except BaseException:  # noqa: BLE001 - the child must never return into the caller's code
         import traceback
         traceback.print_exc()

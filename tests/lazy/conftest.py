@@ -21,6 +21,7 @@ registry = pc.registry
 pusher = pc.pusher
 kit = pc.kit
 options_for = pc.options_for
+fault_proxy = pc.fault_proxy
 
 
 def _need_fuse() -> None:

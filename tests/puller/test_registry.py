@@ -151,8 +151,10 @@ def test_tls_with_custom_ca(tls_registry, kit, tmp_path, options_for):
     p = kit.Pusher(tls_registry)
     img = p.image("tls/img", "v1", [kit.unique_layer(tmp_path, "tls", 1000)])
     ref = parse_reference(f"{tls_registry.host}/tls/img:v1")
-    r = resolve(client(tls_registry, options_for, ca_file=tls_registry.verify), ref)
+    c = client(tls_registry, options_for, ca_file=tls_registry.verify)
+    r = resolve(c, ref)
     assert r.manifest.digest == img.digest
+    assert c._oras_registry is None  # all on the lean path: TLS verified against the CA there too
     # Without the CA the certificate is refused at once, not retried.
     start = time.monotonic()
     with pytest.raises(RegistryError, match="TLS"):
