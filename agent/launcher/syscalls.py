@@ -166,6 +166,13 @@ def _load_ctypes() -> None:
     ctypes = c
 
 
+def libc() -> _Lib:
+    """libc's functions as ctypes.CDLL(None, use_errno=True) gives them (int result, errno
+    kept for ``_ctypes.get_errno``), without importing the ctypes package."""
+    _load_ctypes()
+    return ctypes.libc()
+
+
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 

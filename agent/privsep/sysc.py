@@ -1,6 +1,7 @@
-"""The few system calls init needs that Python 3.11's os module lacks (ctypes over libc).
+"""The few system calls init needs that Python 3.11's os module lacks (over libc, through the
+launcher's small layer on ``_ctypes``: the ctypes package itself costs ~0.3 MB more).
 
-Loaded lazily: ctypes costs PID 1 about 1.2 MB of RSS for good. :func:`in_child` runs a call
+Loaded lazily: even that stays in PID 1's memory for good. :func:`in_child` runs a call
 (or a whole boot step) in a short-lived fork instead, so the import happens there: a fork
 shares init's mount, UTS and every other namespace, so a mount made there is init's too.
 """
@@ -21,15 +22,15 @@ SYS_finit_module = 313  # x86_64
 def _c():
     global _libc
     if _libc is None:
-        import ctypes
-        _libc = ctypes.CDLL(None, use_errno=True)
+        from ..launcher.syscalls import libc
+        _libc = libc()
     return _libc
 
 
 def _check(ret: int, what: str) -> int:
     if ret < 0:
-        import ctypes
-        err = ctypes.get_errno()
+        from _ctypes import get_errno
+        err = get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
     return ret
 
