@@ -20,24 +20,14 @@ import trio
 sys.path.insert(0, os.path.dirname(__file__))
 import client as C  # noqa: E402
 from conftest import Agent, _need_root, spec  # noqa: E402
+from test_lifecycle import run  # noqa: E402
 
-from agent.ttrpc import TTRPCError, open_client  # noqa: E402
+from agent.ttrpc import TTRPCError  # noqa: E402
 
 if os.environ.get("SANDBOX_AGENT_TEST_RUNTIME", "oci-launcher") != "oci-launcher":
     pytest.skip("the warm launcher serves only our launcher as the runtime",
                 allow_module_level=True)
 
-
-def run(agent, body, timeout=120):
-    async def main():
-        with trio.fail_after(timeout):
-            async with open_client(agent.addr) as c:
-                await body(c)
-    try:
-        trio.run(main)
-    except BaseException:
-        print(agent.logs()[-6000:])
-        raise
 
 
 def _children(ppid: int) -> dict[int, bytes]:
