@@ -50,34 +50,11 @@ def smaps(pid: int) -> dict[str, int]:
     return out
 
 
-class _Agent(Agent):
-    """The tests' agent, with init's --daemon-cmd when a variant asks for one."""
-
-    def __init__(self, tmp: Path, daemon_cmd: str | None) -> None:
-        super().__init__(tmp)
-        self.daemon_cmd = daemon_cmd
-
-    def start(self) -> None:
-        if not self.daemon_cmd:
-            return super().start()
-        argv = ["unshare", "--pid", "--fork", "--mount", "--propagation", "private", "--mount-proc",
-                sys.executable, "-m", "agent.init", "--subreaper", "--server-addr", self.addr,
-                "--run-dir", str(self.run_dir), "--runtime", self.runtime, "--log-level", "info",
-                "--daemon-cmd", self.daemon_cmd]
-        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        t0 = time.monotonic()
-        while not self.sock.exists():
-            if self.proc.poll() is not None or time.monotonic() - t0 > 30:
-                raise RuntimeError(f"agent did not start:\n{self.log.read_text()[-4000:]}")
-            time.sleep(0.05)
-        self.wait_serving()
-
-
 def one_run(daemon_cmd: str | None, idle: float) -> dict[str, dict[str, int]]:
     tmp = Path(tempfile.mkdtemp(prefix="sa-dmem-", dir="/tmp"))
     os.chmod(tmp, 0o755)
-    agent = _Agent(tmp, daemon_cmd)
+    # the tests' agent, with init's --daemon-cmd when a variant asks for one
+    agent = Agent(tmp, extra=("--daemon-cmd", daemon_cmd) if daemon_cmd else ())
     try:
         agent.start()
         time.sleep(idle)
