@@ -58,12 +58,56 @@ class FastResponse:
 
     def readinto(self, buf) -> int:
         try:
-            n = self._resp.readinto(buf)
+            n = self._bulk_readinto(buf)
+            if n < 0:
+                n = self._resp.readinto(buf)
         except (OSError, http.client.HTTPException) as exc:
             self.close()
             raise ConnectionError(f"connection to {self._pool.config.host} failed mid-answer: {exc}") from exc
         if n == 0 or self._resp.isclosed():
             self._finish()
+        return n
+
+    def _bulk_readinto(self, buf) -> int:
+        """Fill a large `buf` with as few system calls as the data allows, -1 when this path
+        does not apply.
+
+        http.client reads a body through a buffered file whose raw reads are Python calls,
+        one per segment the socket holds (often 64 KiB): each gives up the interpreter lock and
+        must win it back, which in a process whose other threads are busy (the FUSE loop,
+        other fetches) costs up to the switch interval each time - a 1 MiB chunk took 5-10 ms
+        to arrive that way where the registry sends it in under one.  Here, what the buffered
+        file already holds is taken first (after which it holds nothing), then the kernel fills
+        the rest in one blocking recv (MSG_WAITALL; SO_RCVTIMEO keeps the read time bound)."""
+        resp, conn = self._resp, self._conn
+        view = memoryview(buf).cast("B")
+        if (conn is None or self._pool.config.tls or resp.fp is None or resp.chunked
+                or resp.length is None or len(view) < BULK_MIN):
+            return -1
+        want = min(len(view), resp.length)
+        n = resp.fp.readinto1(view[:want])
+        if 0 < n < want:
+            sock = conn.sock
+            timeout = sock.gettimeout()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+            sock.settimeout(None)
+            try:
+                while n < want:
+                    try:
+                        k = sock.recv_into(view[n:want], want - n, socket.MSG_WAITALL)
+                    except BlockingIOError:
+                        raise socket.timeout("timed out") from None
+                    if not k:  # (http.client would report this as the body's end)
+                        raise ConnectionError(f"the registry closed the connection {resp.length - n} "
+                                              "bytes before the end of its answer")
+                    n += k
+            finally:
+                sock.settimeout(timeout)
+        # Kept as http.client keeps it (its length, and at the body's end _close_conn, which
+        # frees the connection for the next request), so the two read paths can alternate.
+        resp.length -= n
+        if resp.length == 0 or n == 0:
+            resp._close_conn()
         return n
 
     def read(self, cap: int) -> bytes:
@@ -105,6 +149,32 @@ class FastResponse:
         self.close()
 
 
+BULK_MIN = 64 << 10
+
+
+RCVBUF = 8 << 20
+
+
+def _big_receive_buffer(sock: socket.socket) -> None:
+    """Let the registry send a whole range answer (a lazy start's first one is a few MiB)
+    while nobody reads yet: the daemon's first request goes out before it forks and is read
+    after its start.  With the default buffer the registry stops after ~128 KiB and the
+    transfer only really begins when the reader does.  The kernel caps SO_RCVBUF at
+    net.core.rmem_max; SO_RCVBUFFORCE (root with CAP_NET_ADMIN) does not."""
+    for opt in (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, RCVBUF)
+            return
+        except OSError:
+            continue
+
+
+def _timeval(seconds: float | None) -> bytes:
+    import struct
+    s = seconds or 0.0
+    return struct.pack("@ll", int(s), int((s - int(s)) * 1e6))
+
+
 class ConnectionPool:
     """Kept-alive connections to one registry, each used by one request at a time."""
 
@@ -126,6 +196,7 @@ class ConnectionPool:
             conn = http.client.HTTPConnection(c.host, timeout=c.connect_timeout)
         conn.connect()
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _big_receive_buffer(conn.sock)
         conn.sock.settimeout(c.read_timeout)
         return conn
 

@@ -66,18 +66,32 @@ def registry_options(lazy: dict, timeout: float | None = None) -> RegistryOption
 
 
 class _StatsWriter:
-    """Rewrites the counters file after fetches: a few hundred bytes, cheap beside a fetch."""
+    """Keeps the counters file current.  Called after fetches, on the FUSE loop among others,
+    so an update is one pwrite of a fixed-size JSON text (padded with spaces, still valid
+    JSON) at offset 0 - not a new file and a rename each time.  A reader may catch a write
+    half done; LazySnapshot.stats() then reads again."""
+
+    SIZE = 512  # four counters take about 80 bytes
 
     def __init__(self, path: str | None, fetcher: ChunkFetcher) -> None:
         self.path, self.fetcher = path, fetcher
+        self._fd: int | None = None
+        self._lock = threading.Lock()  # written from the fetch threads too
 
     def __call__(self, force: bool = False) -> None:
         if self.path is None:
             return
-        tmp = f"{self.path}.{threading.get_ident()}.tmp"  # written from the prefetch thread too
-        with open(tmp, "w") as f:
-            json.dump(self.fetcher.stats.as_dict(), f)
-        os.replace(tmp, self.path)
+        text = json.dumps(self.fetcher.stats.as_dict()).encode().ljust(self.SIZE)
+        with self._lock:
+            if self._fd is None:  # opened by the serving process, never before a fork
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            os.pwrite(self._fd, text[:self.SIZE], 0)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ref", required=True)
     p.add_argument("--mountpoint", required=True)
     p.add_argument("--ready-fd", type=int)
+    p.add_argument("--fuse-fd", type=int,
+                   help="a /dev/fuse fd already mounted at --mountpoint (by a privileged parent)")
     p.add_argument("--stats")
     p.add_argument("--record", help="write the paths of files opened to this file")
     p.add_argument("--prefetch", help="file with paths (one a line) to fetch first")
@@ -156,7 +172,7 @@ def prepare(a: argparse.Namespace) -> Prepared:
 
 
 def serve(state: Prepared) -> int:
-    """Mount and serve until unmounted."""
+    """Mount (unless the parent did) and serve until unmounted."""
     a, fs, fetcher, stats = state.args, state.fs, state.fetcher, state.stats
     # A fetch thread woken by its socket waits for the interpreter until the thread holding it
     # lets go, by default after up to 5 ms: a read blocked on that chunk waits too.
@@ -166,9 +182,16 @@ def serve(state: Prepared) -> int:
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
     options |= {"fsname=puller-lazy", "subtype=puller-lazy", "ro", "allow_other", "default_permissions"}
-    pyfuse3.init(fs, a.mountpoint, options)
-    drop_privileges()
-    stats(force=True)
+    mounted_by_parent = a.fuse_fd is not None
+    if mounted_by_parent:
+        # Nothing below needs a capability; dropped before any thread exists, so every thread
+        # started later has none either.
+        drop_privileges()
+        pyfuse3.init(fs, f"/dev/fd/{a.fuse_fd}", options)  # libfuse takes over the mounted fd
+    else:
+        pyfuse3.init(fs, a.mountpoint, options)
+        drop_privileges()
+    stats()
     if a.ready_fd is not None:
         os.write(a.ready_fd, b"ready\n")
         os.close(a.ready_fd)
@@ -180,16 +203,18 @@ def serve(state: Prepared) -> int:
     # FUSE loop the overlay mount waits for.
     prefetched = threading.Event()
     _thread.start_new_thread(_fetch_early, (fetcher, state.early, stats),
-                             {"around": state.around, "done": prefetched})
+                             {"around": state.around, "done": prefetched, "drop": not mounted_by_parent})
     try:
         trio.run(_serve_until_unmounted, fs, prefetched, a.whole, stats)
     finally:
-        # Without capabilities the unmount here fails unless the mount is already gone
-        # (fusermount3 -u by the remover, the usual way out); the remover falls back to umount -l.
-        pyfuse3.close(unmount=True)
+        # The unmount here only works when the mount is already gone (fusermount3 -u by the
+        # remover, the usual way out): the daemon holds no capability.  The remover falls back
+        # to umount -l.
+        pyfuse3.close(unmount=not mounted_by_parent)
         stats(force=True)
         fetcher.close()
         state.cache.close()
+        stats.close()
     return 0
 
 
@@ -198,8 +223,7 @@ async def _serve_until_unmounted(fs: LazyFS, prefetched: threading.Event, whole:
     async with trio.open_nursery() as nursery:
         async def background() -> None:
             await trio.to_thread.run_sync(prefetched.wait, abandon_on_cancel=True)
-            if whole:
-                await fetch_in_background(fs, list(range(len(fs.meta.chunks))), "whole-image fetch")
+            await fetch_in_background(fs, list(range(len(fs.meta.chunks))), "whole-image fetch")
             stats(force=True)
 
         async def signals() -> None:
@@ -208,7 +232,8 @@ async def _serve_until_unmounted(fs: LazyFS, prefetched: threading.Event, whole:
                     pyfuse3.terminate()
                     return
 
-        nursery.start_soon(background)
+        if whole:  # (a thread to wait in costs the start of serving some time: only when needed)
+            nursery.start_soon(background)
         nursery.start_soon(signals)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
@@ -234,13 +259,14 @@ EARLY_BATCH = 8
 
 
 def _fetch_early(fetcher: ChunkFetcher, ids: list[int], stats: _StatsWriter, batch: int = EARLY_BATCH,
-                 around: list[int] | tuple = (), done: threading.Event | None = None) -> None:
+                 around: list[int] | tuple = (), done: threading.Event | None = None, drop: bool = True) -> None:
     """Prefetch in batches (so reads are not starved of request slots); failures surface
     again, as EIO, on the read that needs the chunk.  `around` rides with the first batch.
-    Runs in a thread of its own, which drops its capabilities first (the main thread did so
-    already; capability sets are per thread, so this holds whoever starts it)."""
+    Runs in a thread of its own, which with `drop` drops its capabilities first (capability
+    sets are per thread: a thread started before the main thread dropped its own keeps them)."""
     try:
-        drop_privileges()
+        if drop:
+            drop_privileges()
         _fetch_batches(fetcher, ids, stats, batch, around)
     except BaseException:  # noqa: BLE001 - a bare thread: say what happened, never die silently
         log.exception("lazy: early prefetch failed")
@@ -261,6 +287,7 @@ def _fetch_batches(fetcher: ChunkFetcher, ids: list[int], stats: _StatsWriter, b
         except RuntimeError:  # the fetcher was closed under us: the daemon is shutting down
             return
         stats()
+    stats()
     if ids:
         log.info("lazy: early prefetch done: %d chunks, %d batches failed", len(ids), failed)
 

@@ -78,7 +78,6 @@ class ChunkFetcher:
         # read-around requests a reader does not wait for to the end (ensure with `extra`)
         self._fg = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="chunk-fg")
         self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-ahead")
-        self._check_pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="chunk-check")
         self._ahead_pending = threading.Semaphore(2)  # at most two windows queued ahead
         self._lock = threading.Lock()
         self._inflight: dict[str, threading.Event] = {}
@@ -180,7 +179,6 @@ class ChunkFetcher:
         end = max(c.offset + c.stored for c in run)
         pending = deque(sorted(run, key=lambda c: c.offset))
         got = 0
-        checks = []
         sent = self._take_sent((run[0].blob, start, end))
         try:
             with self._slots:
@@ -195,10 +193,15 @@ class ChunkFetcher:
                         buf = bytearray(c.stored)
                         got += _read_exactly(body, buf, end - start, got)
                         pos = c.offset + c.stored
-                        # Checked and written by a second stage while this one receives the
-                        # next chunk (hashing, decompressing and writing release the GIL).
-                        checks.append((c, self._check_pool.submit(self._publish, c, buf, blob_digest)))
                         pending.popleft()
+                        # Checked and written here, while the kernel receives the next chunk
+                        # into the socket's buffer (sized for that: fasthttp).  A second
+                        # thread for this measured slower: on two cores the hand-offs and the
+                        # interpreter lock going back and forth cost more than they overlap.
+                        try:
+                            self._publish(c, buf, blob_digest)
+                        except Exception as exc:  # noqa: BLE001 - _publish reports its own; anything else too
+                            self._fail(c, f"lazy: checking chunk {c.digest} failed: {exc!r}")
                     if body.readinto(bytearray(1)):
                         raise ChunkError(f"registry sent more than the {end - start} bytes asked for")
                 self.stats.add(requests=1, nbytes=got)
@@ -210,11 +213,6 @@ class ChunkFetcher:
                 self._fail(c, msg)
             if got:
                 self.stats.add(requests=1, nbytes=got)
-        for c, f in checks:
-            try:
-                f.result()
-            except Exception as exc:  # noqa: BLE001 - _publish reports its own; anything else too
-                self._fail(c, f"lazy: checking chunk {c.digest} failed: {exc!r}")
         if self.on_run_done is not None:
             self.on_run_done()
 
@@ -259,7 +257,6 @@ class ChunkFetcher:
         self._ahead.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._fg.shutdown(wait=True, cancel_futures=True)
-        self._check_pool.shutdown(wait=True)
         self.client.close()
 
 

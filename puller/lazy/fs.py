@@ -70,6 +70,12 @@ class LazyFS(pyfuse3.Operations):
         self._blob_pos = {i: k for k, i in enumerate(order)}
         self.recorder = recorder
         self.on_fetch = on_fetch
+        # An image without any xattr answers getxattr with ENOSYS, after which the kernel stops
+        # asking (getxattr fails with EOPNOTSUPP, not ENODATA): it would otherwise ask for
+        # security.capability on every exec and every write, and overlayfs for its own
+        # xattrs, each a round trip through here.  listxattr still answers (an empty list),
+        # so whoever lists a file's xattrs sees what a full pull shows.
+        self.has_xattrs = any(n.xattrs for n in meta.nodes)
         self.nodes: dict[int, Node] = {}
         self.children: dict[int, dict[bytes, int]] = {}
         self.nlink: dict[int, int] = {}
@@ -134,6 +140,8 @@ class LazyFS(pyfuse3.Operations):
         return os.fsencode(n.target)
 
     async def getxattr(self, inode, name, ctx):
+        if not self.has_xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         value = self._node(inode).xattrs.get(os.fsdecode(name))
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)

@@ -123,7 +123,7 @@ def _find_artifact(client: RegistryClient, repo: str, subject: str) -> tuple[str
         if raw is None:
             raw = fetch_small_blob(client, repo, layer.digest, layer.size, cap=MAX_META_BYTES,
                                    what=f"{where} metadata")
-        meta = load_meta(raw, subject)
+        meta = _parsed(layer.digest, raw, subject)
         listed = [(d.digest, d.size) for d in doc.layers[1:] if d.media_type == DATA_MEDIA_TYPE]
         if listed != meta.blobs:
             raise MetaError(f"{where}: the metadata's data blobs differ from the artifact's layers")
@@ -196,4 +196,23 @@ def load_record_meta(store, record: dict) -> Meta:
         raw = f.read()
     if not parse_digest(lazy["meta"]).matches(raw):
         raise MetaError(f"stored lazy metadata {lazy['meta']} does not match its digest")
-    return load_meta(raw, record["manifest_digest"])
+    return _parsed(lazy["meta"], raw, record["manifest_digest"])
+
+
+_PARSED: dict[tuple[str, str], Meta] = {}
+_PARSED_MAX = 4
+
+
+def _parsed(digest: str, raw: bytes, subject: str) -> Meta:
+    """load_meta(raw, subject) for `raw` already checked against `digest`, parsed once per
+    process: a caller that pulls and then mounts (the agent's job, the bench) would otherwise
+    parse and check the same metadata twice on the way to a container's start.  Meta is
+    never changed by its users, so one object can be shared."""
+    key = (digest, subject)
+    meta = _PARSED.get(key)
+    if meta is None:
+        meta = load_meta(raw, subject)
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.pop(next(iter(_PARSED)))
+        _PARSED[key] = meta
+    return meta

@@ -7,11 +7,13 @@ daemon.log, stats.json and snapshot.json with mode "lazy" and the daemon's pid.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -49,11 +51,16 @@ class LazySnapshot:
         return self.dir / "lower"
 
     def stats(self) -> dict:
-        try:
-            import json
-            return json.loads((self.dir / "stats.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
+        """The daemon's fetch counters ({} before it wrote any)."""
+        import json
+        for _ in range(20):
+            try:
+                return json.loads((self.dir / "stats.json").read_bytes())
+            except FileNotFoundError:
+                return {}
+            except ValueError:  # caught the daemon mid-write (see daemon._StatsWriter)
+                time.sleep(0.001)
+        return {}
 
     def record(self) -> dict:
         return {"id": self.id, "dest": str(self.dest), "chain_ids": [], "mode": "lazy", "writable": True,
@@ -218,17 +225,35 @@ def _start_daemon(store: Store, ref: str, sdir: Path, *, whole: bool, prefetch: 
         cmd += ["--timeout", str(timeout)]
     if amplify is not None:
         cmd += ["--amplify", str(amplify)]
-    if fork:
-        pid = _fork_daemon(cmd, sdir / "daemon.log", r, w, pin)
-        proc = None
-    else:
-        env = dict(os.environ)
-        pkg_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        with open(sdir / "daemon.log", "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "puller.lazy.daemon", *cmd], stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=log, pass_fds=(w,), start_new_session=True, env=env)
-        pid = proc.pid
+    fuse_fd = None
+    try:
+        fuse_fd = mount_fuse(sdir / "lower")
+        if fuse_fd is not None:
+            cmd += ["--fuse-fd", str(fuse_fd)]
+        if fork:
+            pid = _fork_daemon(cmd, sdir / "daemon.log", r, w, pin)
+            proc = None
+        else:
+            env = dict(os.environ)
+            pkg_root = str(Path(__file__).resolve().parents[2])
+            env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            with open(sdir / "daemon.log", "ab") as log:
+                proc = subprocess.Popen([sys.executable, "-m", "puller.lazy.daemon", *cmd], stdin=subprocess.DEVNULL,
+                                        stdout=log, stderr=log, start_new_session=True, env=env,
+                                        pass_fds=(w,) if fuse_fd is None else (w, fuse_fd))
+            pid = proc.pid
+    except BaseException:
+        if fuse_fd is not None:
+            # First: while this fd is open, a look at the mount waits for a daemon that is not
+            # there.  Closed, the connection is gone and the mount fails fast until removed.
+            os.close(fuse_fd)
+            _stop_daemon(0, sdir / "lower")
+        os.close(r)
+        os.close(w)
+        raise
+    # Only the daemon holds the connection now: if it dies, requests fail instead of waiting.
+    if fuse_fd is not None:
+        os.close(fuse_fd)
     os.close(w)
     try:
         if started is not None:
@@ -248,6 +273,31 @@ def _start_daemon(store: Store, ref: str, sdir: Path, *, whole: bool, prefetch: 
     _stop_daemon(0, sdir / "lower")
     tail = (sdir / "daemon.log").read_text(errors="replace")[-1500:]
     raise SnapshotError(f"lazy file system for {ref} did not start: {tail}")
+
+
+def mount_fuse(mountpoint: Path) -> int | None:
+    """Mount a FUSE connection at `mountpoint` (as libfuse does for root: read-only, nosuid,
+    nodev, allow_other, default_permissions) and return its /dev/fuse fd for the daemon;
+    None when this process may not mount (the daemon then mounts with libfuse itself).
+
+    Mounting here, before the daemon exists, means the daemon never needs a capability:
+    it drops them all before it parses a byte of metadata or starts a thread (and a forked
+    one skips the mount's cost on its way to serving)."""
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return None
+    data = (f"fd={fd},rootmode={stat.S_IFDIR:o},user_id={os.getuid()},group_id={os.getgid()},"
+            "default_permissions,allow_other")
+    try:
+        fsutil.mount("puller-lazy", str(mountpoint), "fuse.puller-lazy",
+                     fsutil.MS_RDONLY | fsutil.MS_NOSUID | fsutil.MS_NODEV, data)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno == errno.EPERM:
+            return None
+        raise SnapshotError(f"cannot mount the lazy file system at {mountpoint}: {exc}") from None
+    return fd
 
 
 def _pin(store: Store) -> int:
@@ -271,9 +321,7 @@ def _fork_daemon(argv: list[str], log: Path, r: int, w: int, pin: int | None = N
         # Built here rather than in the child, where every first touch of an inherited page
         # copies it: the same work costs the child two to three times as much.
         state = daemon.prepare(daemon.parse_args(argv))
-    except BaseException as exc:
-        os.close(r)
-        os.close(w)
+    except BaseException as exc:  # r and w are the caller's to close
         if isinstance(exc, daemon.NotLazy):
             raise SnapshotError(str(exc)) from None
         raise

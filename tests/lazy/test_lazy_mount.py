@@ -209,6 +209,62 @@ def test_shared_files_across_images_are_fetched_once(registry, pusher, kit, tmp_
     assert len(files) == len({p.name for p in files}) == 5 + 2 + 2  # shared once, own chunks per image
 
 
+def _fuse_fds() -> list[str]:
+    """The caller's open fds on /dev/fuse (one left open keeps a dead mount waiting)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "/dev/fuse":
+                out.append(fd)
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("fork", [True, False])
+def test_daemon_holds_no_privilege_and_a_failed_start_leaves_nothing(registry, pusher, kit, tmp_path,
+                                                                    lazy_snapshots, fork):
+    """The caller mounts the FUSE connection and hands it over: the daemon (forked or a new
+    interpreter) never holds a capability, and the mount is what libfuse would have made.  A
+    daemon that cannot start (its stored metadata was tampered with) leaves no mount, no fd,
+    no snapshot, and says why - the stored metadata is checked again, parsed copy or not."""
+    root = kit.busybox_tree(tmp_path / "img")
+    pusher.image("lazy/priv", "v1", [kit.Layer(tar_tree(root))])
+    ref = f"{registry.host}/lazy/priv:v1"
+    index_image(ref, opts(registry), chunk_size=CHUNK)
+    store = Store(str(tmp_path / "s"))
+    record = pull_lazy(ref, store, opts(registry))
+    snap = lazy_snapshots(store, ref, tmp_path / "root", fork=fork)
+    assert (tmp_path / "root/bin/busybox").read_bytes() == (root / "bin/busybox").read_bytes()
+    lower = os.path.realpath(store.snapshot_dir(snap.id) / "lower")
+    fields = next(line.split() for line in open("/proc/self/mountinfo") if line.split()[4] == lower)
+    sep = fields.index("-")
+    assert set(fields[5].split(",")) >= {"ro", "nosuid", "nodev"}
+    assert fields[sep + 1:sep + 3] == ["fuse.puller-lazy", "puller-lazy"]
+    assert set(fields[sep + 3].split(",")) >= {"ro", "allow_other", "default_permissions", "user_id=0"}
+    for tid in os.listdir(f"/proc/{snap.pid}/task"):
+        status = dict(line.split(":", 1) for line in open(f"/proc/{snap.pid}/task/{tid}/status"))
+        assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == int(status["CapBnd"], 16) == 0, tid
+        assert int(status["NoNewPrivs"]) == 1, tid
+    assert _fuse_fds() == []
+
+    blob = store.blob_path(record["lazy"]["meta"])
+    blob.write_bytes(blob.read_bytes()[:-1] + b"x")
+    with pytest.raises(MetaError, match="does not match its digest"):
+        load_record_meta(store, record)
+    before = set(os.listdir(store.root / "snapshots"))
+    mounts = open("/proc/self/mountinfo").read()
+    from puller.snapshot import SnapshotError
+    t = time.monotonic()
+    with pytest.raises((SnapshotError, MetaError), match="digest"):
+        lazy_snapshots(store, ref, tmp_path / "root2", fork=fork)
+    assert time.monotonic() - t < 20
+    assert set(os.listdir(store.root / "snapshots")) == before
+    assert open("/proc/self/mountinfo").read() == mounts
+    assert _fuse_fds() == []
+    assert not (tmp_path / "root2").exists()
+
+
 def test_registry_gone_gives_eio_and_cached_data_stays(kit, pusher, tmp_path, tmp_path_factory, lazy_snapshots):
     reg = kit.start_registry(tmp_path_factory.mktemp("gone"))
     try:

@@ -79,8 +79,10 @@ class Registry:
 
 def start_registry(tmp: Path, *, htpasswd: tuple[str, str] | None = None,
                    tls: tuple[Path, Path, Path] | None = None,
-                   token: tuple[str, str, str, Path] | None = None) -> Registry:
-    """`tls` is (certificate, key, CA that signed it)."""
+                   token: tuple[str, str, str, Path] | None = None, blob_cache: str = "") -> Registry:
+    """`tls` is (certificate, key, CA that signed it).  `blob_cache`: the registry's blob
+    descriptor cache, off by default (tests change blobs under it); "inmemory" is what
+    Debian's stock configuration uses."""
     if not os.path.exists(REGISTRY_BIN):
         pytest.skip("Debian's docker-registry is not installed")
     port = free_port()
@@ -92,7 +94,7 @@ def start_registry(tmp: Path, *, htpasswd: tuple[str, str] | None = None,
         "storage:",
         f"  filesystem: {{rootdirectory: {storage}}}",
         "  delete: {enabled: true}",
-        "  cache: {blobdescriptor: ''}",
+        f"  cache: {{blobdescriptor: '{blob_cache}'}}",
         "http:",
         f"  addr: 127.0.0.1:{port}",
         f"  secret: test-{port}",

@@ -118,3 +118,122 @@ def test_a_configured_proxy_leaves_requests_to_requests(monkeypatch):
     assert ConnectionPool(FastPathConfig("registry.example:5000", tls=False)).disabled
     monkeypatch.setenv("no_proxy", "registry.example")
     assert not ConnectionPool(FastPathConfig("registry.example:5000", tls=False)).disabled
+
+
+class BodyServer:
+    """Answers every GET with `body`, written in `piece`-byte writes `pause` s apart (so the
+    client finds a partial body in its buffers); `cut` stops after that many body bytes and
+    closes (a registry that dies mid-answer); `stall` waits that long before the body."""
+
+    def __init__(self, body: bytes, piece: int = 100_000, pause: float = 0.0) -> None:
+        self.body, self.piece, self.pause = body, piece, pause
+        self.cut: int | None = None
+        self.stall = 0.0
+        self.connections = 0
+        srv = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def setup(self):
+                super().setup()
+                srv.connections += 1
+
+            def do_GET(self):
+                import time
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(srv.body)))
+                self.end_headers()
+                self.wfile.flush()
+                time.sleep(srv.stall)
+                end = len(srv.body) if srv.cut is None else srv.cut
+                for k in range(0, end, srv.piece):
+                    self.wfile.write(srv.body[k:min(end, k + srv.piece)])
+                    self.wfile.flush()
+                    time.sleep(srv.pause)
+                if srv.cut is not None:
+                    self.close_connection = True
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def read_all(resp, piece: int) -> bytes:
+    out = bytearray()
+    while True:
+        buf = bytearray(piece)
+        n = resp.readinto(buf)
+        if not n:
+            return bytes(out)
+        out += buf[:n]
+
+
+@pytest.mark.parametrize("piece,pause,read", [(100_000, 0.0, 1 << 20), (7_777, 0.0005, 300_000),
+                                              (1 << 20, 0.0, 65_536), (50_000, 0.001, 3 << 20)])
+def test_large_bodies_arrive_whole_and_the_connection_is_reused(piece, pause, read):
+    """Bodies read in large buffers (the bulk path: buffered bytes first, then the kernel fills
+    the rest) come out byte for byte, whatever the server's write pattern and the reader's
+    buffer size (including a read that ends mid-body and one larger than the body), and the
+    connection serves the next request."""
+    import os
+    body = os.urandom(3 * (1 << 20) + 12345)
+    srv = BodyServer(body, piece, pause)
+    pool = ConnectionPool(FastPathConfig(srv.host, tls=False, read_timeout=5))
+    try:
+        for _ in range(2):
+            with pool.get("/blob", {}) as resp:
+                assert resp.status == 200
+                assert read_all(resp, read) == body
+        assert srv.connections == 1
+    finally:
+        pool.close()
+        srv.close()
+
+
+def test_a_body_cut_short_is_an_error_not_short_data():
+    import os
+    body = os.urandom(2 << 20)
+    srv = BodyServer(body, 256 << 10)
+    srv.cut = 1 << 20
+    pool = ConnectionPool(FastPathConfig(srv.host, tls=False, read_timeout=5))
+    try:
+        resp = pool.get("/blob", {})
+        buf = bytearray(2 << 20)
+        got = 0
+        with pytest.raises(ConnectionError):
+            while True:
+                n = resp.readinto(memoryview(buf)[got:])
+                if not n:  # http.client reports a short body as IncompleteRead on the next read
+                    raise AssertionError(f"body ended after {got} bytes without an error")
+                got += n
+        assert got <= 1 << 20 and buf[:got] == body[:got]
+    finally:
+        pool.close()
+        srv.close()
+
+
+def test_a_stalled_body_times_out():
+    import os
+    import socket
+    import time
+    srv = BodyServer(os.urandom(1 << 20))
+    srv.stall = 3.0
+    pool = ConnectionPool(FastPathConfig(srv.host, tls=False, read_timeout=0.5))
+    try:
+        resp = pool.get("/blob", {})
+        t = time.monotonic()
+        with pytest.raises((ConnectionError, socket.timeout)):
+            resp.readinto(bytearray(1 << 20))
+        assert time.monotonic() - t < 2.5
+    finally:
+        pool.close()
+        srv.close()
