@@ -195,15 +195,19 @@ def serve(state: Prepared) -> int:
     if a.ready_fd is not None:
         os.write(a.ready_fd, b"ready\n")
         os.close(a.ready_fd)
-    # Fetching starts now, while the overlay above the mount and the container's start are
-    # still under way: the entrypoint's program first (every run execs it), then the recorded
-    # prefetch list.  (Starting it before the mount measured no sooner first output: on two
-    # busy cores the fetch and the mount only slow each other down.)  _thread, not threading:
-    # Thread.start() waits until the new thread runs, which on a busy machine holds up the
-    # FUSE loop the overlay mount waits for.
+    # The early fetch (the entrypoint's program, then the recorded prefetch list) starts once
+    # the file system has answered its first request - the overlay mount above it waits for
+    # that, and on two busy cores a fetch started sooner only slows the loop's start.  The
+    # registry's answer to the first request (sent before the fork) meanwhile fills the
+    # socket's buffer, so the transfer itself is not held up.  _thread, not threading:
+    # Thread.start() waits until the new thread runs.
     prefetched = threading.Event()
-    _thread.start_new_thread(_fetch_early, (fetcher, state.early, stats),
-                             {"around": state.around, "done": prefetched, "drop": not mounted_by_parent})
+
+    def start_early_fetch() -> None:
+        _thread.start_new_thread(_fetch_early, (fetcher, state.early, stats),
+                                 {"around": state.around, "done": prefetched, "drop": not mounted_by_parent})
+
+    fs.on_first_request(start_early_fetch)
     try:
         trio.run(_serve_until_unmounted, fs, prefetched, a.whole, stats)
     finally:
@@ -232,8 +236,13 @@ async def _serve_until_unmounted(fs: LazyFS, prefetched: threading.Event, whole:
                     pyfuse3.terminate()
                     return
 
+        async def early_fetch_fallback() -> None:
+            await trio.sleep(EARLY_FALLBACK)  # when nothing asks (no overlay above, an idle mount)
+            fs.first_request()
+
         if whole:  # (a thread to wait in costs the start of serving some time: only when needed)
             nursery.start_soon(background)
+        nursery.start_soon(early_fetch_fallback)
         nursery.start_soon(signals)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
@@ -256,6 +265,7 @@ def _entrypoint_chunks(store: Store, record: dict, meta: Meta) -> list[int]:
 
 
 EARLY_BATCH = 8
+EARLY_FALLBACK = 0.05  # s after serving starts: the early fetch starts by then in any case
 
 
 def _fetch_early(fetcher: ChunkFetcher, ids: list[int], stats: _StatsWriter, batch: int = EARLY_BATCH,

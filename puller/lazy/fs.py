@@ -70,6 +70,7 @@ class LazyFS(pyfuse3.Operations):
         self._blob_pos = {i: k for k, i in enumerate(order)}
         self.recorder = recorder
         self.on_fetch = on_fetch
+        self._first_request: Callable[[], None] | None = None
         # An image without any xattr answers getxattr with ENOSYS, after which the kernel stops
         # asking (getxattr fails with EOPNOTSUPP, not ENODATA): it would otherwise ask for
         # security.capability on every exec and every write, and overlayfs for its own
@@ -96,6 +97,15 @@ class LazyFS(pyfuse3.Operations):
         self.parent_of = {ino: pino for pino, kids in self.children.items() for ino in kids.values()}
         self.parent_of[pyfuse3.ROOT_INODE] = pyfuse3.ROOT_INODE
 
+    def on_first_request(self, fn: Callable[[], None]) -> None:
+        """Call `fn` (once) when the first request that reaches a handler comes in."""
+        self._first_request = fn
+
+    def first_request(self) -> None:
+        fn, self._first_request = self._first_request, None
+        if fn is not None:
+            fn()
+
     # -- attributes ---------------------------------------------------------------
     def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
         n = self.nodes[ino]
@@ -120,10 +130,14 @@ class LazyFS(pyfuse3.Operations):
         return n
 
     async def getattr(self, inode, ctx=None):
+        if self._first_request is not None:
+            self.first_request()
         self._node(inode)
         return self._attr(inode)
 
     async def lookup(self, parent_inode, name, ctx=None):
+        if self._first_request is not None:
+            self.first_request()
         if name == b".":
             return self._attr(parent_inode)
         if name == b"..":
@@ -151,6 +165,8 @@ class LazyFS(pyfuse3.Operations):
         return [os.fsencode(k) for k in self._node(inode).xattrs]
 
     async def statfs(self, ctx):
+        if self._first_request is not None:
+            self.first_request()
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
         s.f_blocks = sum(n.size for n in self.nodes.values()) // 4096 + 1
@@ -162,6 +178,8 @@ class LazyFS(pyfuse3.Operations):
 
     # -- directories -------------------------------------------------------------
     async def opendir(self, inode, ctx):
+        if self._first_request is not None:
+            self.first_request()
         if self._node(inode).kind != "dir":
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
@@ -178,6 +196,8 @@ class LazyFS(pyfuse3.Operations):
 
     # -- files ----------------------------------------------------------------------
     async def open(self, inode, flags, ctx):
+        if self._first_request is not None:
+            self.first_request()
         n = self._node(inode)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
