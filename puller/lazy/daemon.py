@@ -115,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.fuse_fd is not None:
+        drop_privileges()  # mounted by the caller: nothing here needs a capability
     try:
         state = prepare(a)
     except NotLazy as exc:

@@ -280,9 +280,9 @@ def mount_fuse(mountpoint: Path) -> int | None:
     nodev, allow_other, default_permissions) and return its /dev/fuse fd for the daemon;
     None when this process may not mount (the daemon then mounts with libfuse itself).
 
-    Mounting here, before the daemon exists, means the daemon never needs a capability:
-    it drops them all before it parses a byte of metadata or starts a thread (and a forked
-    one skips the mount's cost on its way to serving)."""
+    Mounting here, before the daemon exists, means the daemon never needs a capability: it
+    drops them all before it starts a thread or serves a request, and a new interpreter
+    before it reads the metadata (a forked one skips the mount's cost on its way to serving)."""
     try:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     except OSError:
