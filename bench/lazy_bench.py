@@ -11,7 +11,8 @@ store every time:
          long-lived caller can do), and a fork with the prefetch list a recording run wrote
 
 The entrypoint reads a few MB (busybox and --read-mb MiB of the small files) and prints a
-line.  Each lazy line shows the ratio of the medians and the median of each round's own ratio
+line.  Before each timed run what the previous one left dirty is written back (a full pull
+leaves ~650 MB), so that writeback is charged to no run.  Each lazy line shows the ratio of the medians and the median of each round's own ratio
 (full and lazy runs of a round follow each other, so that one is steadier on a shared
 machine), and per round the phases pull / mount (daemon start + FUSE + overlay) / run.  Also: bytes fetched by the lazy run vs the image's size, and sequential reads of the
 100 MiB file through the lazy mount (cold: from the registry; warm-chunks: a fresh mount on

@@ -16,13 +16,20 @@ from puller.registry import RegistryClient, RegistryOptions
 class Server:
     """Answers GET /v2/<anything> with the path as body; `drop_after_answer` closes each
     connection after its answer without saying so (an idle timeout that struck);
-    `statuses` are answered first, one per request."""
+    `statuses` are answered first, one per request.
 
-    def __init__(self) -> None:
+    With `body` set, every GET gets that body instead, written in `piece`-byte writes `pause`
+    s apart (so a client finds part of it in its buffers); `cut` stops after that many bytes
+    and closes (a registry dying mid-answer); `stall` waits that long before the body."""
+
+    def __init__(self, body: bytes | None = None, piece: int = 100_000, pause: float = 0.0) -> None:
         self.connections = 0
         self.requests: list[tuple[str, dict]] = []
         self.statuses: list[int] = []
         self.drop_after_answer = False
+        self.body, self.piece, self.pause = body, piece, pause
+        self.cut: int | None = None
+        self.stall = 0.0
         srv = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -37,6 +44,8 @@ class Server:
 
             def do_GET(self):
                 srv.requests.append((self.path, dict(self.headers)))
+                if srv.body is not None:
+                    return self.send_body()
                 status = srv.statuses.pop(0) if srv.statuses else 200
                 body = self.path.encode() if status == 200 else b'{"errors":[{"code":"X","message":"no"}]}'
                 self.send_response(status)
@@ -48,6 +57,20 @@ class Server:
                 self.wfile.write(body)
                 if srv.drop_after_answer:
                     self.close_connection = True
+
+            def send_body(self):
+                import time
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(srv.body)))
+                self.end_headers()
+                self.wfile.flush()
+                time.sleep(srv.stall)
+                end = len(srv.body) if srv.cut is None else srv.cut
+                for k in range(0, end, srv.piece):
+                    self.wfile.write(srv.body[k:min(end, k + srv.piece)])
+                    self.wfile.flush()
+                    time.sleep(srv.pause)
+                self.close_connection = srv.cut is not None
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -120,53 +143,6 @@ def test_a_configured_proxy_leaves_requests_to_requests(monkeypatch):
     assert not ConnectionPool(FastPathConfig("registry.example:5000", tls=False)).disabled
 
 
-class BodyServer:
-    """Answers every GET with `body`, written in `piece`-byte writes `pause` s apart (so the
-    client finds a partial body in its buffers); `cut` stops after that many body bytes and
-    closes (a registry that dies mid-answer); `stall` waits that long before the body."""
-
-    def __init__(self, body: bytes, piece: int = 100_000, pause: float = 0.0) -> None:
-        self.body, self.piece, self.pause = body, piece, pause
-        self.cut: int | None = None
-        self.stall = 0.0
-        self.connections = 0
-        srv = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def setup(self):
-                super().setup()
-                srv.connections += 1
-
-            def do_GET(self):
-                import time
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(srv.body)))
-                self.end_headers()
-                self.wfile.flush()
-                time.sleep(srv.stall)
-                end = len(srv.body) if srv.cut is None else srv.cut
-                for k in range(0, end, srv.piece):
-                    self.wfile.write(srv.body[k:min(end, k + srv.piece)])
-                    self.wfile.flush()
-                    time.sleep(srv.pause)
-                if srv.cut is not None:
-                    self.close_connection = True
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.host = f"127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def read_all(resp, piece: int) -> bytes:
     out = bytearray()
     while True:
@@ -186,7 +162,7 @@ def test_large_bodies_arrive_whole_and_the_connection_is_reused(piece, pause, re
     connection serves the next request."""
     import os
     body = os.urandom(3 * (1 << 20) + 12345)
-    srv = BodyServer(body, piece, pause)
+    srv = Server(body, piece, pause)
     pool = ConnectionPool(FastPathConfig(srv.host, tls=False, read_timeout=5))
     try:
         for _ in range(2):
@@ -202,7 +178,7 @@ def test_large_bodies_arrive_whole_and_the_connection_is_reused(piece, pause, re
 def test_a_body_cut_short_is_an_error_not_short_data():
     import os
     body = os.urandom(2 << 20)
-    srv = BodyServer(body, 256 << 10)
+    srv = Server(body, 256 << 10)
     srv.cut = 1 << 20
     pool = ConnectionPool(FastPathConfig(srv.host, tls=False, read_timeout=5))
     try:
@@ -225,7 +201,7 @@ def test_a_stalled_body_times_out():
     import os
     import socket
     import time
-    srv = BodyServer(os.urandom(1 << 20))
+    srv = Server(os.urandom(1 << 20))
     srv.stall = 3.0
     pool = ConnectionPool(FastPathConfig(srv.host, tls=False, read_timeout=0.5))
     try:
