@@ -7,8 +7,9 @@ store every time:
 
   full   puller pull + overlay snapshot + chroot the entrypoint, until its first output line
   lazy   puller pull --lazy + lazy snapshot (FUSE + overlay) + the same entrypoint, with the
-         FUSE daemon a new interpreter (exec, what the CLI does), a fork of this process (what a
-         long-lived caller can do), and a fork with the prefetch list a recording run wrote
+         FUSE daemon a new interpreter (exec: make_lazy_snapshot's default, safe for callers
+         with threads), a fork of this process (what `python -m puller snapshot` and the
+         agent's pull job do), and a fork with the prefetch list a recording run wrote
 
 The entrypoint reads a few MB (busybox and --read-mb MiB of the small files) and prints a
 line.  Before each timed run what the previous one left dirty is written back (a full pull
