@@ -9,7 +9,9 @@ store every time:
   lazy   puller pull --lazy + lazy snapshot (FUSE + overlay) + the same entrypoint, with the
          FUSE daemon a new interpreter (exec: make_lazy_snapshot's default, safe for callers
          with threads), a fork of this process (what `python -m puller snapshot` and the
-         agent's pull job do), and a fork with the prefetch list a recording run wrote
+         agent's pull job do), and a fork mounting the same image in a second repository,
+         indexed with the prefetch list a recording run wrote (`index --prefetch`: the list
+         travels in the metadata, no list is given at mount time)
 
 The entrypoint reads a few MB (busybox and --read-mb MiB of the small files) and prints a
 line.  Before each timed run what the previous one left dirty is written back (a full pull
@@ -46,6 +48,9 @@ from puller.pull import PullOptions, pull  # noqa: E402
 from puller.registry import RegistryOptions  # noqa: E402
 from puller.snapshot import make_snapshot  # noqa: E402
 from puller.store import Store  # noqa: E402
+
+
+LISTED = "bench/lazy-listed"  # the same image, indexed with the recorded prefetch list
 
 
 def test_kit():
@@ -182,11 +187,12 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def compare(a, work: Path, host: str, image_bytes: int, script: str, plist: Path, mounts: list, title: str) -> None:
+def compare(a, work: Path, host: str, image_bytes: int, script: str, mounts: list, title: str) -> None:
     """Full vs lazy pull to first output through `host`, each round from an empty store."""
     ref = f"{host}/bench/lazy:v1"
     opts = PullOptions(registry=RegistryOptions(plain_http=frozenset({host}), timeout=60))
-    variants = {"exec": {}, "fork": {"fork": True}, "fork+prefetch": {"fork": True, "prefetch": str(plist)}}
+    variants = {"exec": (ref, {}), "fork": (ref, {"fork": True}),
+                "fork+prefetch": (f"{host}/{LISTED}:v1", {"fork": True})}
     full_t: list[float] = []
     lazy_t: dict[str, list[float]] = {k: [] for k in variants}
     fetched: dict[str, list[int]] = {k: [] for k in variants}
@@ -200,14 +206,14 @@ def compare(a, work: Path, host: str, image_bytes: int, script: str, plist: Path
         full_t.append(first_output(snap.dest, script, a.read_mb << 20) - t)
         snap.remove()
         shutil.rmtree(work / f"full{i}")
-        for name, kw in variants.items():
+        for name, (lref, kw) in variants.items():
             settle()
             sdir = work / f"lazy{i}{name}"
             store = Store(str(sdir))
             t = time.monotonic()
-            record = pull_lazy(ref, store, opts)
+            record = pull_lazy(lref, store, opts)
             t1 = time.monotonic()
-            lsnap = make_lazy_snapshot(store, ref, work / f"lazy-root{i}{name}", **kw)
+            lsnap = make_lazy_snapshot(store, lref, work / f"lazy-root{i}{name}", **kw)
             t2 = time.monotonic()
             mounts.append(lsnap)
             lazy_t[name].append(first_output(lsnap.dest, script, a.read_mb << 20) - t)
@@ -254,8 +260,8 @@ def main() -> int:
     try:
         t = time.monotonic()
         layers, small = build_image(kit, work / "build", a.mb)
-        kit.Pusher(reg).image("bench/lazy", "v1", layers,
-                              config={"Entrypoint": ["/bin/sh", "-c"], "Env": ["PATH=/bin"]})
+        for repo in ("bench/lazy", LISTED):
+            kit.Pusher(reg).image(repo, "v1", layers, config={"Entrypoint": ["/bin/sh", "-c"], "Env": ["PATH=/bin"]})
         image_bytes = sum(len(l.blob) for l in layers)
         file_bytes = sum(len(l.tar) for l in layers)
         del layers
@@ -282,14 +288,16 @@ def main() -> int:
         rs.remove()
         mounts.remove(rs)
         shutil.rmtree(work / "rec")
-        print(f"recorded prefetch list: {len(plist.read_text().split())} files")
+        recorded = plist.read_text().split()
+        index_image(f"{reg.host}/{LISTED}:v1", opts, prefetch=recorded)
+        print(f"recorded prefetch list: {len(recorded)} files, indexed into {LISTED}")
 
-        compare(a, work, reg.host, image_bytes, script, plist, mounts, "loopback (registry on 127.0.0.1)")
+        compare(a, work, reg.host, image_bytes, script, mounts, "loopback (registry on 127.0.0.1)")
         if a.loopback_only:
             return 0
         proxy = LinkProxy(reg.host, a.link_mbit * 1e6 / 8, a.rtt_ms / 1e3)
         try:
-            compare(a, work, proxy.host, image_bytes, script, plist, mounts,
+            compare(a, work, proxy.host, image_bytes, script, mounts,
                     f"emulated link: {a.link_mbit} Mbit/s, {a.rtt_ms} ms per request (a proxy in front of the registry)")
         finally:
             proxy.close()

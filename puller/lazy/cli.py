@@ -70,6 +70,9 @@ def add_index_parser(sub, add_registry_args) -> None:
     p.add_argument("ref")
     p.add_argument("--chunk-size", type=int, default=1 << 20, help="bytes per chunk (default 1 MiB)")
     p.add_argument("--platform", help="os/arch[/variant]; default: this machine")
+    p.add_argument("--prefetch", metavar="FILE",
+                   help="paths (one a line) a container reads first, e.g. from `snapshot --record-access`: "
+                        "carried in the metadata, fetched first by every lazy mount")
     add_registry_args(p)
     p.set_defaults(func=cmd_index)
 
@@ -80,5 +83,10 @@ def cmd_index(args) -> int:
     from .convert import index_image
     opts = PullOptions(platform=Platform.parse(args.platform) if args.platform else None,
                        registry=_registry_options(args))
-    print(json.dumps(index_image(args.ref, opts, chunk_size=args.chunk_size).record(), sort_keys=True))
+    prefetch = None
+    if args.prefetch:
+        with open(args.prefetch) as f:
+            prefetch = [line.strip() for line in f if line.strip()]
+    print(json.dumps(index_image(args.ref, opts, chunk_size=args.chunk_size, prefetch=prefetch).record(),
+                     sort_keys=True))
     return 0

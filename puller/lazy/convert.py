@@ -32,7 +32,7 @@ from ..tarstream import TarFormatError, TarReader
 from ..unpack import Limits, _Refused, clean_name
 from .chunker import DEFAULT_CHUNK_SIZE, ChunkTable
 from .format import (ARTIFACT_TYPE, DATA_MEDIA_TYPE, META_DIGEST_ANNOTATION, META_MEDIA_TYPE, META_SIZE_ANNOTATION,
-                     Meta)
+                     Meta, resolve_path)
 from .push import file_digest, push_blob, push_manifest
 from .tree import MergedTree, TreeError
 
@@ -150,9 +150,31 @@ def add_referrers_tag(client: RegistryClient, repo: str, subject: str, descripto
     push_manifest(client, repo, tag, body, mt.OCI_INDEX)
 
 
+def _prefetch_paths(meta: Meta, paths: list[str]) -> list[str]:
+    """`paths` as the metadata keeps them (relative, no empty or dot components, each once),
+    without those that name nothing in the image."""
+    by_path = {n.path: n for n in meta.nodes}
+    out: list[str] = []
+    for raw in paths:
+        p = "/".join(c for c in raw.strip().split("/") if c and c != ".")
+        if not p or ".." in p.split("/") or p in out:
+            continue
+        if resolve_path(by_path, p) is None:
+            log.warning("prefetch list: %r is not in the image; left out", raw)
+            continue
+        out.append(p)
+    return out
+
+
 def index_image(ref: str | Reference, options: PullOptions | None = None, *,
-                chunk_size: int = DEFAULT_CHUNK_SIZE, workdir: str | None = None) -> IndexResult:
-    """Build the lazy metadata of `ref` and push it (and its data blobs) as a referrer."""
+                chunk_size: int = DEFAULT_CHUNK_SIZE, workdir: str | None = None,
+                prefetch: list[str] | None = None) -> IndexResult:
+    """Build the lazy metadata of `ref` and push it (and its data blobs) as a referrer.
+
+    `prefetch`: paths in the image a container reads first (e.g. what `snapshot
+    --record-access` wrote), carried in the metadata; every lazy mount of the image fetches
+    them first.  Paths not in the image are dropped (with a warning): a list is recorded
+    against one image and may be reused for the next."""
     options = options or PullOptions()
     ref = ref if isinstance(ref, Reference) else parse_reference(ref)
     client = RegistryClient(ref.api_host, options.registry)
@@ -162,6 +184,8 @@ def index_image(ref: str | Reference, options: PullOptions | None = None, *,
                                         limits=options.limits or Limits())
         repo = ref.repository
         meta.config_raw = resolved.config_raw  # a lazy pull then needs no config request
+        if prefetch:
+            meta.prefetch = _prefetch_paths(meta, prefetch)
         meta_bytes = meta.to_bytes()
         meta_digest = push_blob(client, repo, meta_bytes)
         for p in paths:

@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a /dev/fuse fd already mounted at --mountpoint (by a privileged parent)")
     p.add_argument("--stats")
     p.add_argument("--record", help="write the paths of files opened to this file")
-    p.add_argument("--prefetch", help="file with paths (one a line) to fetch first")
+    p.add_argument("--prefetch", help="file with paths (one a line) to fetch first (instead of the image's list)")
     p.add_argument("--whole", action="store_true", help="fetch every chunk in the background")
     p.add_argument("--timeout", type=float, help="registry request time bound (default: the pull's)")
     p.add_argument("--parallel", type=int, default=4)
@@ -158,7 +158,7 @@ def prepare(a: argparse.Namespace) -> Prepared:
     fetcher.on_run_done = stats
     fs = LazyFS(meta, cache, fetcher, amplify=a.amplify, recorder=AccessRecorder(a.record) if a.record else None,
                 on_fetch=stats)
-    prefetch = []
+    prefetch = list(meta.prefetch)  # the image's own list (index --prefetch), unless one is given
     if a.prefetch:
         with open(a.prefetch) as f:
             prefetch = [line.strip() for line in f if line.strip()]

@@ -40,6 +40,7 @@ META_SIZE_ANNOTATION = "io.sandbox-agent.lazy.meta-size"
 FORMAT_VERSION = 1
 MAX_META_BYTES = 512 << 20  # uncompressed metadata JSON
 KINDS = ("reg", "dir", "lnk", "chr", "blk", "fifo")
+MAX_PREFETCH = 100_000  # paths in an embedded prefetch list
 
 
 class MetaError(ManifestError):
@@ -85,6 +86,10 @@ class Meta:
     # The image config's bytes, carried along so a lazy pull need not fetch it (checked there
     # against the manifest's config descriptor, like a fetched one).
     config_raw: bytes | None = None
+    # Paths a container of this image reads first (a recorded run's list: `index --prefetch`),
+    # fetched as soon as a lazy mount serves, in this order.  The list travels with the image,
+    # so every puller of it - the agent's included - starts with it.
+    prefetch: list[str] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
         import zstandard
@@ -112,6 +117,8 @@ class Meta:
                "nodes": nodes}
         if self.config_raw is not None:
             doc["config"] = base64.b64encode(self.config_raw).decode()
+        if self.prefetch:
+            doc["prefetch"] = list(self.prefetch)
         raw = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
         return zstandard.ZstdCompressor(level=10).compress(raw)
 
@@ -260,4 +267,37 @@ def load_meta(blob: bytes, subject: str) -> Meta:
             config_raw = None
         if config_raw is None:
             raise MetaError("lazy metadata: the embedded image config is not base64")
-    return Meta(subject, chunk_size, blobs, chunks, nodes, config_raw)
+    prefetch = doc.get("prefetch", [])
+    if type(prefetch) is not list or len(prefetch) > MAX_PREFETCH:
+        raise MetaError(f"lazy metadata: prefetch is not a list of at most {MAX_PREFETCH} paths")
+    for i, p in enumerate(prefetch):
+        _path(p, f"prefetch[{i}]")
+    return Meta(subject, chunk_size, blobs, chunks, nodes, config_raw, prefetch)
+
+
+def resolve_path(by_path: dict[str, Node], path: str, max_links: int = 40) -> Node | None:
+    """The node `path` names inside the image, following symlinks as the kernel would with
+    the image as root; None when it does not exist (or loops)."""
+    parts = [p for p in path.split("/") if p and p != "."]
+    cur: list[str] = []
+    links = 0
+    while parts:
+        name = parts.pop(0)
+        if name == "..":
+            if cur:
+                cur.pop()
+            continue
+        n = by_path.get("/".join([*cur, name]))
+        if n is None:
+            return None
+        if n.kind == "lnk":
+            links += 1
+            if links > max_links:
+                return None
+            target = [p for p in n.target.split("/") if p and p != "."]
+            if n.target.startswith("/"):
+                cur = []
+            parts = target + parts
+            continue
+        cur.append(name)
+    return by_path.get("/".join(cur))

@@ -20,7 +20,7 @@ import trio
 
 from .cache import ChunkCache
 from .fetcher import ChunkError, ChunkFetcher
-from .format import Meta, Node
+from .format import Meta, Node, resolve_path
 
 log = logging.getLogger("puller.lazy")
 _TYPE = {"reg": stat.S_IFREG, "dir": stat.S_IFDIR, "lnk": stat.S_IFLNK, "chr": stat.S_IFCHR,
@@ -276,34 +276,6 @@ def chunks_of(meta: Meta, paths: list[str]) -> list[int]:
         if n is not None and n.kind == "reg":
             out.extend(n.chunks)
     return out
-
-
-def resolve_path(by_path: dict[str, Node], path: str, max_links: int = 40) -> Node | None:
-    """The node `path` names inside the image, following symlinks as the kernel would with
-    the image as root; None when it does not exist (or loops)."""
-    parts = [p for p in path.split("/") if p and p != "."]
-    cur: list[str] = []
-    links = 0
-    while parts:
-        name = parts.pop(0)
-        if name == "..":
-            if cur:
-                cur.pop()
-            continue
-        n = by_path.get("/".join([*cur, name]))
-        if n is None:
-            return None
-        if n.kind == "lnk":
-            links += 1
-            if links > max_links:
-                return None
-            target = [p for p in n.target.split("/") if p and p != "."]
-            if n.target.startswith("/"):
-                cur = []
-            parts = target + parts
-            continue
-        cur.append(name)
-    return by_path.get("/".join(cur))
 
 
 def entrypoint_paths(image_config: dict) -> list[str]:

@@ -50,6 +50,13 @@ def test_round_trip_keeps_tree_links_and_attributes():
     assert raw_doc(sample_meta())["nodes"][3] == {"p": "bin/b", "h": "bin/a"}  # a link is stored once
 
 
+def test_prefetch_list_travels_in_the_metadata():
+    meta = sample_meta()
+    assert "prefetch" not in raw_doc(meta)  # absent unless given: older pullers see no change
+    meta.prefetch = ["bin/sh", "null"]
+    assert load_meta(meta.to_bytes(), SUBJECT).prefetch == ["bin/sh", "null"]
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: d.update(subject="sha256:" + "00" * 32), "not the image"),
     (lambda d: d["nodes"][2].update(p="bin/../../etc"), "'..'"),
@@ -65,6 +72,10 @@ def test_round_trip_keeps_tree_links_and_attributes():
     (lambda d: d["nodes"][2].update(x={"user.a": "%%%"}), "base64"),
     (lambda d: d["nodes"][2].update(m=0o170000), "mode"),
     (lambda d: d["nodes"][1].update(x={"trusted.overlay.opaque": "eQ=="}), "overlayfs-private"),
+    (lambda d: d.update(prefetch="bin/a"), "prefetch is not a list"),
+    (lambda d: d.update(prefetch=["bin/a", 7]), "prefetch\\[1\\]"),
+    (lambda d: d.update(prefetch=["../../etc/shadow"]), "'..'"),
+    (lambda d: d.update(prefetch=["/bin/a"]), "bad path"),
 ])
 def test_hostile_metadata_is_refused(mutate, message):
     doc = raw_doc(sample_meta())

@@ -386,6 +386,41 @@ def test_entrypoint_is_fetched_at_mount_without_a_read(registry, pusher, kit, tm
     assert snap.stats()["chunks"] == len(want)  # the read found them all in the cache
 
 
+def test_prefetch_list_in_the_image_is_fetched_at_mount(registry, pusher, kit, tmp_path, lazy_snapshots):
+    """`index --prefetch FILE` carries a recorded list in the metadata: a lazy mount fetches the
+    entrypoint and those files before anything reads them, with no list given at mount time;
+    paths the image does not have are left out at indexing."""
+    root = kit.busybox_tree(tmp_path / "img")
+    (root / "app").mkdir()
+    for name in ("a", "b", "c"):
+        (root / "app" / name).write_bytes(os.urandom(3 * CHUNK))
+    pusher.image("lazy/plist", "v1", [kit.Layer(tar_tree(root))],
+                 config={"Entrypoint": ["/bin/sh", "-c"], "Cmd": ["cat /app/c /app/a"]})
+    ref = f"{registry.host}/lazy/plist:v1"
+    plist = tmp_path / "recorded.txt"
+    plist.write_text("/app/c\napp/./a\n/app/c\nnot/there\n")
+    out = subprocess.run([sys.executable, "-m", "puller", "index", ref, "--plain-http", registry.host,
+                          "--chunk-size", str(CHUNK), "--prefetch", str(plist)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "'not/there' is not in the image" in out.stderr
+    store = Store(str(tmp_path / "s"))
+    record = pull_lazy(ref, store, opts(registry))
+    meta = load_record_meta(store, record)
+    assert meta.prefetch == ["app/c", "app/a"]
+    snap = lazy_snapshots(store, ref, tmp_path / "root", amplify=0)
+    by_path = {n.path: n for n in meta.nodes}
+    want = {meta.chunks[i].digest for p in ("bin/busybox", "app/c", "app/a") for i in by_path[p].chunks}
+    deadline = time.monotonic() + 20
+    while snap.stats().get("chunks", 0) < len(want) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert snap.stats()["chunks"] == len(want)  # the list and the entrypoint, not app/b
+    from puller.lazy.daemon import cache_dir
+    assert {"sha256:" + p.name for p in Path(cache_dir(store)).rglob("*") if p.is_file()} == want
+    assert (tmp_path / "root/app/a").read_bytes() == (root / "app/a").read_bytes()
+    assert snap.stats()["chunks"] == len(want)  # found in the cache
+
+
 def test_whole_snapshot_fetches_everything_in_background(registry, pusher, kit, tmp_path, lazy_snapshots):
     root = tmp_path / "img"
     root.mkdir()
