@@ -447,13 +447,7 @@ class Init:
                 self._job_exited(pid, status)
 
     def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in sysc.reaped():
             if pid == self.daemon.pid:
                 self._daemon_exited(status)
             elif self.zygote is not None and pid == self.zygote.pid:
@@ -521,11 +515,7 @@ class Init:
             except InterruptedError:
                 continue
             if self._wake_r in r:
-                try:
-                    while os.read(self._wake_r, 512):
-                        pass
-                except BlockingIOError:
-                    pass
+                sysc.drain(self._wake_r)
             if self._daemon_err is not None and self._daemon_err in r:
                 self._forward_daemon_log()
             if d.sock is not None and d.sock in w:

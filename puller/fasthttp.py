@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import socket
 import ssl
+import struct
 import threading
 import urllib.request
 from dataclasses import dataclass
@@ -89,8 +90,7 @@ class FastResponse:
         if 0 < n < want:
             sock = conn.sock
             timeout = sock.gettimeout()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
-            sock.settimeout(None)
+            sock.settimeout(None)  # SO_RCVTIMEO (set at connect) bounds the wait instead
             try:
                 while n < want:
                     try:
@@ -170,7 +170,6 @@ def _big_receive_buffer(sock: socket.socket) -> None:
 
 
 def _timeval(seconds: float | None) -> bytes:
-    import struct
     s = seconds or 0.0
     return struct.pack("@ll", int(s), int((s - int(s)) * 1e6))
 
@@ -197,6 +196,9 @@ class ConnectionPool:
         conn.connect()
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         _big_receive_buffer(conn.sock)
+        # For the bulk reads, which switch the socket to blocking mode (where Python's own
+        # timeout does not apply); ignored while it is in timeout mode.
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(c.read_timeout))
         conn.sock.settimeout(c.read_timeout)
         return conn
 

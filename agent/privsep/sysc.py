@@ -19,6 +19,28 @@ RB_AUTOBOOT = 0x01234567
 SYS_finit_module = 313  # x86_64
 
 
+def reaped():
+    """(pid, status) of each child that has ended, as waitpid(-1, WNOHANG) gives them, until
+    none is left to collect."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
+
+
+def drain(fd: int) -> None:
+    """Read a non-blocking self-pipe empty (its bytes only said "wake up")."""
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
 def _c():
     global _libc
     if _libc is None:

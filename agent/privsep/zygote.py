@@ -34,7 +34,7 @@ import select
 import signal
 import sys
 
-from . import wire
+from . import sysc, wire
 
 CHANNEL_FD = 3
 ENV_PRIORITY = "_SANDBOX_AGENT_ZYGOTE_PRIORITY"
@@ -151,13 +151,7 @@ class Zygote:
             pkt.close_fds()  # the worker has its copies
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in sysc.reaped():
             self.workers.discard(pid)
             wire.send_packet(self.chan, {"t": "ev", "ev": "exit", "pid": pid, "status": status})
 
@@ -170,11 +164,7 @@ class Zygote:
             except InterruptedError:
                 continue
             if self._wake_r in r:
-                try:
-                    while os.read(self._wake_r, 512):
-                        pass
-                except BlockingIOError:
-                    pass
+                sysc.drain(self._wake_r)
             self._reap()
             if self.chan in r:
                 try:

@@ -405,11 +405,15 @@ class _Connection:
                     await trio.lowlevel.wait_writable(self.raw.sock)
                     parts = _advance(parts, self.raw.try_send_parts(parts))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            log.debug("send failed, closing connection: %s", exc)
-            self.closed = True
-            self.nursery.cancel_scope.cancel()
+            self._send_failed(exc)
         finally:
             self.send_waiters -= 1
+
+    def _send_failed(self, exc: BaseException) -> None:
+        """The peer is gone or the socket broke mid-frame: nothing more can be said on it."""
+        log.debug("send failed, closing connection: %s", exc)
+        self.closed = True
+        self.nursery.cancel_scope.cancel()
 
     async def _send_data(self, data: bytes) -> None:
         """Write whole frames; concurrent writers never interleave bytes."""
@@ -429,9 +433,7 @@ class _Connection:
                     return
                 await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            log.debug("send failed, closing connection: %s", exc)
-            self.closed = True
-            self.nursery.cancel_scope.cancel()
+            self._send_failed(exc)
         finally:
             self.send_waiters -= 1
 

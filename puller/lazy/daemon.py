@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     except NotLazy as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    return serve(state)
+    return serve(state, dropped=a.fuse_fd is not None)
 
 
 class NotLazy(Exception):
@@ -173,8 +173,9 @@ def prepare(a: argparse.Namespace) -> Prepared:
     return Prepared(a, fs, fetcher, cache, stats, early, around)
 
 
-def serve(state: Prepared) -> int:
-    """Mount (unless the parent did) and serve until unmounted."""
+def serve(state: Prepared, dropped: bool = False) -> int:
+    """Mount (unless the parent did) and serve until unmounted.  `dropped`: this process has
+    dropped its capabilities already."""
     a, fs, fetcher, stats = state.args, state.fs, state.fetcher, state.stats
     # A fetch thread woken by its socket waits for the interpreter until the thread holding it
     # lets go, by default after up to 5 ms: a read blocked on that chunk waits too.
@@ -188,7 +189,8 @@ def serve(state: Prepared) -> int:
     if mounted_by_parent:
         # Nothing below needs a capability; dropped before any thread exists, so every thread
         # started later has none either.
-        drop_privileges()
+        if not dropped:
+            drop_privileges()
         pyfuse3.init(fs, f"/dev/fd/{a.fuse_fd}", options)  # libfuse takes over the mounted fd
     else:
         pyfuse3.init(fs, a.mountpoint, options)

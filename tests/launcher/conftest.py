@@ -3,6 +3,8 @@ state root per test, and helpers to drive the real ``oci-launcher`` command line
 from __future__ import annotations
 
 import copy
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +27,28 @@ needs_busybox = pytest.mark.skipif(not os.path.exists(BUSYBOX),
 DEFAULT_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
                 "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
                 "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"]
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def assert_sealed_against_writes(fd: int) -> None:
+    """`fd` (an O_PATH handle on a container process's /proc/PID/exe) reopens read-only as a
+    write-sealed memfd and cannot be written through a writable reopen (CVE-2019-5736)."""
+    ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+    assert fcntl.fcntl(ro, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE
+    os.close(ro)
+    try:
+        w = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY)
+    except OSError:
+        return  # refused at open: fine as well
+    try:
+        with pytest.raises(PermissionError):
+            os.write(w, b"#!/bin/sh\necho pwned\n")
+    finally:
+        os.close(w)
 
 
 def base_config(args: list[str]) -> dict:

@@ -3,7 +3,6 @@ a program, and what it protects in a container started with `run`."""
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 
 from agent.launcher import seccomp, trampoline
 
-from .conftest import needs_busybox, needs_root
+from .conftest import assert_sealed_against_writes, file_sha256, needs_busybox, needs_root
 
 x86_64 = pytest.mark.skipif(not trampoline.available(), reason="the trampoline is x86-64 code")
 
@@ -123,10 +122,6 @@ def test_seccomp_plan_decides_whether_execveat_passes():
 
 # --- in a container ----------------------------------------------------------------------------
 
-def _sha(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
 
 @needs_root
 @needs_busybox
@@ -136,7 +131,7 @@ def test_run_entry_point_proc_self_exe_reaches_only_the_sealed_trampoline(runtim
     kernel resolves that while the trampoline is the current executable, so the container
     runs (and can grab) the sealed trampoline, never the host's interpreter."""
     interp = os.path.realpath("/proc/self/exe")
-    before = _sha(interp)
+    before = file_sha256(interp)
     b = make_bundle(["/evil"])
     with open(os.path.join(b.rootfs, "evil"), "w") as f:
         f.write("#!/proc/self/exe\n")
@@ -152,24 +147,12 @@ def test_run_entry_point_proc_self_exe_reaches_only_the_sealed_trampoline(runtim
         assert exe.startswith("/memfd:oci-launcher-exec"), exe
         fd = os.open(f"/proc/{pid}/exe", os.O_PATH)
         try:
-            ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
-            assert fcntl.fcntl(ro, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE
-            os.close(ro)
-            try:
-                w = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY)
-            except OSError:
-                pass
-            else:
-                try:
-                    with pytest.raises(PermissionError):
-                        os.write(w, b"#!/bin/sh\necho pwned\n")
-                finally:
-                    os.close(w)
+            assert_sealed_against_writes(fd)
         finally:
             os.close(fd)
     finally:
         runtime.cmd("delete", "--force", cid)
-    assert _sha(interp) == before
+    assert file_sha256(interp) == before
 
 
 @needs_root
