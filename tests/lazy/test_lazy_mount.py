@@ -209,6 +209,36 @@ def test_shared_files_across_images_are_fetched_once(registry, pusher, kit, tmp_
     assert len(files) == len({p.name for p in files}) == 5 + 2 + 2  # shared once, own chunks per image
 
 
+def test_xattrs_of_an_image_without_any(registry, pusher, kit, tmp_path, lazy_snapshots, rich_image):
+    """An image with no xattr at all: listing shows none (as a full pull does) and getxattr
+    is "not supported" - the daemon said ENOSYS once, so the kernel stops asking it on every
+    exec and write.  An image with xattrs still answers each name (ENODATA when absent)."""
+    root = kit.busybox_tree(tmp_path / "img")
+    pusher.image("lazy/noxattr", "v1", [kit.Layer(tar_tree(root))])
+    ref = f"{registry.host}/lazy/noxattr:v1"
+    index_image(ref, opts(registry), chunk_size=CHUNK)
+    store = Store(str(tmp_path / "s"))
+    pull_lazy(ref, store, opts(registry))
+    lazy_snapshots(store, ref, tmp_path / "root")
+    busybox = tmp_path / "root/bin/busybox"
+    assert os.listxattr(busybox) == []
+    for _ in range(2):
+        with pytest.raises(OSError) as exc:
+            os.getxattr(busybox, "security.capability")
+        assert exc.value.errno == errno.EOPNOTSUPP
+    assert subprocess.run(["chroot", str(tmp_path / "root"), "/bin/sh", "-c", "echo ok"],
+                          capture_output=True).stdout == b"ok\n"
+
+    rich_ref = rich_image[0]
+    rstore = Store(str(tmp_path / "rs"))
+    pull_lazy(rich_ref, rstore, opts(registry))
+    lazy_snapshots(rstore, rich_ref, tmp_path / "rich")
+    assert os.getxattr(tmp_path / "rich/data/owned", "user.note") == b"a value"
+    with pytest.raises(OSError) as exc:
+        os.getxattr(tmp_path / "rich/data/text", "user.note")
+    assert exc.value.errno == errno.ENODATA
+
+
 def _fuse_fds() -> list[str]:
     """The caller's open fds on /dev/fuse (one left open keeps a dead mount waiting)."""
     out = []
