@@ -45,7 +45,7 @@ MAX_ARGV = 64
 PRELOAD = ("agent.launcher.cli", "agent.launcher.container", "agent.launcher.init",
            "agent.launcher.spec", "agent.launcher.state", "agent.launcher.cgroups",
            "agent.launcher.seccomp", "agent.launcher.selfexe", "agent.launcher.console",
-           "agent.launcher.hooks", "agent.launcher.jsonlite", "agent.launcher.rootfs",
+           "agent.launcher.hooks", "agent.jsonlite", "agent.launcher.rootfs",
            "agent.launcher.process", "agent.launcher.capabilities", "agent.launcher.sync",
            "agent.launcher.syscalls", "_pickle", "pyseccomp")
 

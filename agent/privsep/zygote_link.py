@@ -17,7 +17,10 @@ import time
 
 from . import wire
 
-READY_TIMEOUT = 30.0    # a zygote not ready after this is killed and restarted
+# A zygote not ready after this is killed and restarted. Generous: it warms up at nice 19,
+# and on one emulated CPU that is busy with containers its imports can take a minute, while
+# killing it throws that work away (commands use the CLI meanwhile, so waiting costs nothing).
+READY_TIMEOUT = 120.0
 REPLY_TIMEOUT = 5.0     # waiting for a fork's answer; a zygote that overruns it is killed
 BACKOFF_START, BACKOFF_MAX, STABLE_AFTER = 0.5, 30.0, 10.0
 LOST_STATUS = 255 << 8
@@ -40,13 +43,17 @@ def boot_argv(python: str, paths: list[str], init_pid: int) -> list[str]:
 
 class ZygoteLink:
     def __init__(self, argv: list[str], log, env: dict | None = None,
-                 first_start: float = 0.0) -> None:
+                 first_start: float = 0.0, ready_timeout: float = READY_TIMEOUT) -> None:
         """``first_start``: seconds until the first start, unless :meth:`wanted_now` comes
         first (init calls it at the daemon's first request, as the daemon starts serving)."""
         self.argv, self.log, self.env = argv, log, env
         self.pid: int | None = None
         self.sock = None
         self.ready = False
+        self.ready_timeout = ready_timeout
+        # A kill was sent and the death is not reaped yet: nothing is due until it is (a
+        # dying zygote is not "still not ready", which would kill it again on every tick).
+        self.killed = False
         self.started_at = 0.0
         # monotonic time of the next start; None = none due
         self.restart_at: float | None = time.monotonic() + first_start
@@ -85,6 +92,7 @@ class ZygoteLink:
             os.close(null)
         mine.setblocking(False)
         self.sock, self.ready, self.started_at = mine, False, time.monotonic()
+        self.killed = False
         self.log.info("warm launcher started", pid=self.pid)
 
     def _schedule_restart(self) -> None:
@@ -103,20 +111,22 @@ class ZygoteLink:
         """When init's loop must call :meth:`tick` next."""
         if self.pid is None:
             return self.restart_at
-        if not self.ready:
-            return self.started_at + READY_TIMEOUT
+        if not self.ready and not self.killed:
+            return self.started_at + self.ready_timeout
         return None
 
     def tick(self, now: float) -> None:
         if self.pid is None and self.restart_at is not None and now >= self.restart_at:
             self.start()
-        elif self.pid is not None and not self.ready and now >= self.started_at + READY_TIMEOUT:
+        elif (self.pid is not None and not self.ready and not self.killed
+              and now >= self.started_at + self.ready_timeout):
             self.log.error("warm launcher not ready in time; killing it",
-                           pid=self.pid, timeout=READY_TIMEOUT)
+                           pid=self.pid, timeout=self.ready_timeout)
             self._kill()
 
     def _kill(self) -> None:
         if self.pid is not None:
+            self.killed = True
             try:
                 os.kill(self.pid, 9)
             except OSError:
@@ -135,7 +145,7 @@ class ZygoteLink:
         reported as failed."""
         self.log.warn("warm launcher exited; commands use the runtime CLI until it is back",
                       pid=self.pid, status=status)
-        self.pid = None
+        self.pid, self.killed = None, False
         self._close()
         for pid in list(self.workers):
             try:

@@ -291,3 +291,40 @@ def test_zygote_dying_with_the_request_unread_means_nothing_ran(link):
     _, status = os.waitpid(z, 0)
     link.exited(status)
     assert link.take_exits() == []
+
+
+def test_zygote_preload_names_only_modules_that_exist():
+    # A stale name costs every worker an import (and was logged as a failure at each boot).
+    assert zygote.preload() == []
+
+
+def test_zygote_not_ready_in_time_is_killed_once_then_restarted(tmp_path):
+    log = io.StringIO()
+    # a "zygote" that never says it is ready
+    z = ZygoteLink(["/bin/sleep", "60"], JsonLogger("init", "debug", stream=log),
+                   ready_timeout=0.2)
+    z.start()
+    pid = z.pid
+    try:
+        assert z.wake_at() == pytest.approx(z.started_at + 0.2)
+        time.sleep(0.25)
+        z.tick(time.monotonic())
+        # killed; until its death is reaped nothing is due: init's loop must sleep, not spin
+        # killing it again (it did, logging a line per turn, while a nice-19 zygote died)
+        assert z.wake_at() is None
+        for _ in range(3):
+            z.tick(time.monotonic())
+        assert log.getvalue().count("not ready in time") == 1
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9
+        z.exited(status)
+        assert z.pid is None and z.wake_at() is not None  # the restart is scheduled
+        z.tick(z.wake_at())
+        assert z.pid not in (None, pid) and z.wake_at() is not None
+    finally:
+        z.stop()
+        for p in {pid, z.pid} - {None}:
+            try:
+                os.waitpid(p, 0)
+            except ChildProcessError:
+                pass

@@ -56,3 +56,38 @@ def cpio_py():
 @pytest.fixture(scope="session")
 def guest_dir() -> Path:
     return build_guest()
+
+
+def _console_logs(funcargs: dict) -> list[Path]:
+    """The guest console logs of the VMs a test used: a state dir (a Path holding console.log)
+    or a VMState (its ``console`` path), alone or inside a fixture's tuple."""
+    found: list[Path] = []
+    todo = list(funcargs.values())
+    while todo:
+        v = todo.pop(0)
+        if isinstance(v, (tuple, list)):
+            todo.extend(v)
+            continue
+        path = getattr(v, "console", None)
+        if isinstance(path, str):
+            path = Path(path)
+        elif isinstance(v, Path) and (v / "console.log").is_file():
+            path = v / "console.log"
+        if isinstance(path, Path) and path.is_file() and path not in found:
+            found.append(path)
+    return found
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed VM test shows the end of the guest's console (init's and the daemon's logs):
+    CI keeps nothing else of the guest, and a hang there says nothing on the host side."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when != "call" or not rep.failed:
+        return
+    for path in _console_logs(getattr(item, "funcargs", {})):
+        lines = [ln for ln in path.read_text(errors="replace").splitlines()
+                 if '"level": "debug"' not in ln]
+        rep.sections.append((f"guest console {path} (last 60 lines, debug left out)",
+                             "\n".join(ln[:400] for ln in lines[-60:])))
