@@ -23,9 +23,15 @@ The state dir holds ``state.json`` (pid, addresses, accel), ``agent.sock``, ``qm
 ``console.log`` (the guest's serial console: kernel messages and the agent's JSON logs).
 
 QEMU's chardev socket serves one client at a time (a second one waits until the first
-disconnects). ``--mux`` starts agentctl.vmrelay, which holds that one connection and
-multiplexes any number of ttRPC clients on ``mux.sock`` (stream ids remapped); the printed
-``server-addr`` is then the relay's.
+disconnects). ``--mux`` (the default, for the CLI and :func:`up` alike) starts agentctl.vmrelay,
+which holds that one connection for the VM's lifetime and multiplexes any number of ttRPC
+clients on ``mux.sock`` (stream ids remapped); the printed ``server-addr`` is then the relay's.
+``--direct`` hands out the chardev socket itself, for one long-lived client: the guest cannot
+tell reliably where one host connection ends and the next begins (virtio-serial delivers a new
+connection's first bytes before the guest learns that the previous one hung up), so a call
+sent right after another client left may be taken for the old connection's and cancelled with
+it. Seen in CI as a CreateContainer never answered; the relay never reconnects, so it cannot
+happen there.
 ``down`` asks the agent to DestroySandbox (init stops the containers and powers off), waits for
 QEMU to exit, and falls back to QMP ``quit`` and then signals.
 """
@@ -337,7 +343,7 @@ def _boot_once(spec: VMSpec, state_dir: Path, accel: str, channel: str,
                   f"{state_dir / 'console.log'} and {state_dir / 'qemu.log'}")
 
 
-def start_relay(st: VMState, state_dir: Path, timeout: float = 15.0) -> None:
+def start_relay(st: VMState, state_dir: Path, timeout: float = 30.0) -> None:
     """Put agentctl.vmrelay in front of the chardev socket; st.server_addr becomes its socket."""
     listen = state_dir / "mux.sock"
     listen.unlink(missing_ok=True)
@@ -354,6 +360,9 @@ def start_relay(st: VMState, state_dir: Path, timeout: float = 15.0) -> None:
     addr = f"unix://{listen}"
     end = time.monotonic() + timeout
     while time.monotonic() < end and p.poll() is None:
+        # The relay's first call may be lost to the reconnect race the module text describes
+        # (the boot wait's own connection has just closed): each Check has its own timeout
+        # and is asked again.
         if listen.exists() and check(addr, timeout=5.0):
             st.server_addr = addr
             _save_state(state_dir, st)
@@ -365,11 +374,12 @@ def start_relay(st: VMState, state_dir: Path, timeout: float = 15.0) -> None:
     raise VMError(f"the ttRPC relay did not come up; see {state_dir / 'relay.log'}")
 
 
-def up(spec: VMSpec, state_dir: Path, retries: int = 1, mux: bool = False) -> VMState:
+def up(spec: VMSpec, state_dir: Path, retries: int = 1, mux: bool = True) -> VMState:
     """Boot the guest and return once its agent answers Check (one retry by default).
 
-    mux: serve clients through agentctl.vmrelay (any number at once) instead of handing out
-    QEMU's chardev socket (one client at a time)."""
+    mux: serve clients through agentctl.vmrelay (any number at once, one connection to the
+    guest for its lifetime); False hands out QEMU's chardev socket (one long-lived client at a
+    time: see the module text for why quickly successive clients are not safe there)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     old = load_state(state_dir)
     if old is not None and pid_alive(old.pid, state_dir):
@@ -484,7 +494,8 @@ def add_parser(sub) -> None:
                            help="serve many clients at once through a ttRPC relay "
                                 "(server-addr is then the relay's socket); the default")
             p.add_argument("--direct", action="store_true",
-                           help="hand out QEMU's chardev socket itself (one client at a time)")
+                           help="hand out QEMU's chardev socket itself (one long-lived client "
+                                "at a time; quickly successive clients can lose a call)")
         if name == "down":
             p.add_argument("--timeout", type=float, default=30.0, dest="down_timeout")
 

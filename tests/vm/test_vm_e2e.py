@@ -1,7 +1,9 @@
 """The guest booted in QEMU (KVM where it works, TCG here) and driven only over its channel.
 
 One VM for the module (boot costs ~8 s under TCG); the last test powers it off with
-DestroySandbox. The container rootfs is the busybox tree rootfs-build.sh bakes into the initrd
+DestroySandbox. Clients reach it through agentctl.vmrelay, as `agentctl vm up` serves them:
+every test opens new connections, and over QEMU's own chardev socket a call sent right after
+the previous client left can be lost in the guest (see agentctl.vm). The container rootfs is the busybox tree rootfs-build.sh bakes into the initrd
 at /opt/busybox-rootfs.
 """
 from __future__ import annotations
@@ -90,6 +92,7 @@ def run_container(addr, cid, args, *, namespaces=("pid", "network", "ipc", "uts"
 def test_check_and_version(guest_vm):
     st, _ = guest_vm
     assert st.server_addr.startswith("unix://") and st.channel == "virtio-serial"
+    assert st.relay_pid and st.server_addr.endswith("/mux.sock")
     r = call(st.server_addr, "Check", health_pb2.CheckRequest(), health_pb2.HealthCheckResponse,
              service="grpc.Health")
     assert r.status == health_pb2.HealthCheckResponse.SERVING
