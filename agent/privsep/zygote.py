@@ -35,9 +35,9 @@ import signal
 import sys
 
 from . import sysc, wire
+from .zygote_link import ENV_PRIORITY, LOW_PRIORITY
 
 CHANNEL_FD = 3
-ENV_PRIORITY = "_SANDBOX_AGENT_ZYGOTE_PRIORITY"
 MAX_ARGV = 64
 # Every module the launcher's create/start/exec/kill/delete paths import, imported once here
 # so a worker imports nothing. A module that fails to import is left to fail in the worker,
@@ -196,11 +196,13 @@ def _protect_exe() -> None:
 def main() -> None:
     """Entry point: ``python -I -S -c <boot> INIT_PID`` from init, the channel on fd 3."""
     # Warming up (imports: seconds on one emulated CPU) must not slow the daemon starting
-    # beside it, so it runs at the lowest priority; the priority init gave us is restored
-    # before the first fork, or workers and containers would inherit the low one.
-    if ENV_PRIORITY not in os.environ:  # else we are the re-executed self, already low
+    # beside it, so it starts at the lowest priority (init sets it and raises it again after a
+    # while, see zygote_link); the priority in ENV_PRIORITY is restored before the first fork,
+    # or workers and containers would inherit the low one. Started by anyone else, it lowers
+    # itself and restores what it had.
+    if ENV_PRIORITY not in os.environ:
         os.environ[ENV_PRIORITY] = str(os.getpriority(os.PRIO_PROCESS, 0))
-        os.setpriority(os.PRIO_PROCESS, 0, 19)
+        os.setpriority(os.PRIO_PROCESS, 0, LOW_PRIORITY)
     from agent.oci_launcher import _add_site_packages
     _add_site_packages()  # pyseccomp lives in the venv's site-packages
     _protect_exe()

@@ -21,6 +21,15 @@ from . import wire
 # and on one emulated CPU that is busy with containers its imports can take a minute, while
 # killing it throws that work away (commands use the CLI meanwhile, so waiting costs nothing).
 READY_TIMEOUT = 120.0
+# The zygote runs at nice 19 (set by init right after starting it) so that its warm-up does not
+# slow the daemon's own start; after this long init gives it init's priority back. Left at 19 on a CPU kept busy by containers it
+# got ~1.5% of it and was not ready after minutes (seen in a guest under load), so every
+# command kept paying for a new interpreter.
+LOW_PRIORITY_FOR = 5.0
+LOW_PRIORITY = 19
+# Init's priority, handed to the zygote: what it restores before its first fork, whatever
+# priority it has by then, so that workers and containers never inherit the low one.
+ENV_PRIORITY = "_SANDBOX_AGENT_ZYGOTE_PRIORITY"
 REPLY_TIMEOUT = 5.0     # waiting for a fork's answer; a zygote that overruns it is killed
 BACKOFF_START, BACKOFF_MAX, STABLE_AFTER = 0.5, 30.0, 10.0
 LOST_STATUS = 255 << 8
@@ -43,7 +52,8 @@ def boot_argv(python: str, paths: list[str], init_pid: int) -> list[str]:
 
 class ZygoteLink:
     def __init__(self, argv: list[str], log, env: dict | None = None,
-                 first_start: float = 0.0, ready_timeout: float = READY_TIMEOUT) -> None:
+                 first_start: float = 0.0, ready_timeout: float = READY_TIMEOUT,
+                 low_priority_for: float = LOW_PRIORITY_FOR) -> None:
         """``first_start``: seconds until the first start, unless :meth:`wanted_now` comes
         first (init calls it at the daemon's first request, as the daemon starts serving)."""
         self.argv, self.log, self.env = argv, log, env
@@ -51,6 +61,8 @@ class ZygoteLink:
         self.sock = None
         self.ready = False
         self.ready_timeout = ready_timeout
+        self.low_priority_for = low_priority_for
+        self.raised = False  # its priority was raised back to init's (see LOW_PRIORITY_FOR)
         # A kill was sent and the death is not reaped yet: nothing is due until it is (a
         # dying zygote is not "still not ready", which would kill it again on every tick).
         self.killed = False
@@ -72,9 +84,11 @@ class ZygoteLink:
         src = os.dup(theirs.fileno())  # >= 3 already (0-2 are taken), close-on-exec
         theirs.close()
         null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        prio = os.getpriority(os.PRIO_PROCESS, 0)
+        env = dict(self.env if self.env is not None else os.environ, **{ENV_PRIORITY: str(prio)})
         try:
             self.pid = os.posix_spawn(
-                self.argv[0], self.argv, self.env if self.env is not None else os.environ,
+                self.argv[0], self.argv, env,
                 file_actions=[(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, null, 1),
                               (os.POSIX_SPAWN_DUP2, src, 3)],
                 setsigdef=(signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
@@ -90,9 +104,13 @@ class ZygoteLink:
         finally:
             os.close(src)
             os.close(null)
+        try:
+            os.setpriority(os.PRIO_PROCESS, self.pid, max(prio, LOW_PRIORITY))
+        except OSError:
+            pass  # already gone: reaped soon
         mine.setblocking(False)
         self.sock, self.ready, self.started_at = mine, False, time.monotonic()
-        self.killed = False
+        self.killed = self.raised = False
         self.log.info("warm launcher started", pid=self.pid)
 
     def _schedule_restart(self) -> None:
@@ -111,15 +129,27 @@ class ZygoteLink:
         """When init's loop must call :meth:`tick` next."""
         if self.pid is None:
             return self.restart_at
-        if not self.ready and not self.killed:
-            return self.started_at + self.ready_timeout
-        return None
+        if self.ready or self.killed:
+            return None
+        due = self.started_at + self.ready_timeout
+        if not self.raised:
+            due = min(due, self.started_at + self.low_priority_for)
+        return due
 
     def tick(self, now: float) -> None:
-        if self.pid is None and self.restart_at is not None and now >= self.restart_at:
-            self.start()
-        elif (self.pid is not None and not self.ready and not self.killed
-              and now >= self.started_at + self.ready_timeout):
+        if self.pid is None:
+            if self.restart_at is not None and now >= self.restart_at:
+                self.start()
+            return
+        if self.ready or self.killed:
+            return
+        if not self.raised and now >= self.started_at + self.low_priority_for:
+            self.raised = True
+            try:
+                os.setpriority(os.PRIO_PROCESS, self.pid, os.getpriority(os.PRIO_PROCESS, 0))
+            except OSError as e:  # gone meanwhile (reaped soon), or no CAP_SYS_NICE
+                self.log.debug("cannot raise the warm launcher's priority", error=str(e))
+        if now >= self.started_at + self.ready_timeout:
             self.log.error("warm launcher not ready in time; killing it",
                            pid=self.pid, timeout=self.ready_timeout)
             self._kill()

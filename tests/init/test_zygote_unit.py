@@ -219,6 +219,8 @@ def test_zygote_runs_cli_commands_in_forks(link, tmp_path):
     with pytest.raises(ZygoteUnavailable):  # started, not ready yet: the caller uses the CLI
         link.spawn(["state", "x"], [None, None, None])
     _pump(link, lambda: link.ready)
+    # ready means it gave up its warm-up priority: workers and containers inherit this one
+    assert os.getpriority(os.PRIO_PROCESS, link.pid) == os.getpriority(os.PRIO_PROCESS, 0)
     exe = os.readlink(f"/proc/{link.pid}/exe")
     assert exe.startswith("/memfd:"), exe  # re-executed from a sealed copy
     root = str(tmp_path / "state")
@@ -306,7 +308,7 @@ def test_zygote_not_ready_in_time_is_killed_once_then_restarted(tmp_path):
     z.start()
     pid = z.pid
     try:
-        assert z.wake_at() == pytest.approx(z.started_at + 0.2)
+        assert z.wake_at() == pytest.approx(z.started_at + 0.2)  # before the priority raise
         time.sleep(0.25)
         z.tick(time.monotonic())
         # killed; until its death is reaped nothing is due: init's loop must sleep, not spin
@@ -328,3 +330,35 @@ def test_zygote_not_ready_in_time_is_killed_once_then_restarted(tmp_path):
                 os.waitpid(p, 0)
             except ChildProcessError:
                 pass
+
+
+def test_zygote_warms_up_at_low_priority_then_gets_inits_back():
+    if os.geteuid() != 0:
+        pytest.skip("raising a priority needs CAP_SYS_NICE: run as root")
+    from agent.privsep.zygote_link import ENV_PRIORITY, LOW_PRIORITY
+    log = io.StringIO()
+    z = ZygoteLink(["/bin/sleep", "60"], JsonLogger("init", "debug", stream=log),
+                   low_priority_for=0.2, ready_timeout=30)
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    z.start()
+    pid = z.pid
+    try:
+        assert os.getpriority(os.PRIO_PROCESS, pid) == LOW_PRIORITY
+        env = b""
+        for _ in range(200):  # empty until the new program has set up its stack
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read()
+            if env:
+                break
+            time.sleep(0.005)
+        assert f"{ENV_PRIORITY}={mine}".encode() in env.split(b"\0")  # restored before forking
+        assert z.wake_at() == pytest.approx(z.started_at + 0.2)
+        time.sleep(0.25)
+        z.tick(time.monotonic())
+        # still not ready: it keeps running, now at init's priority, until the ready timeout
+        assert os.getpriority(os.PRIO_PROCESS, pid) == mine
+        assert z.pid == pid and z.wake_at() == pytest.approx(z.started_at + 30)
+        assert "not ready in time" not in log.getvalue()
+    finally:
+        z.stop()
+        os.waitpid(pid, 0)
