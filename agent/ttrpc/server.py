@@ -285,6 +285,11 @@ class _Connection:
                 log.debug("connection ended: %s", exc)
             finally:
                 # The peer is gone (or unframeable): its calls are moot.
+                if self.inflight:
+                    # Said at info: over a virtio-serial port a host reconnect can race the
+                    # hang-up, and then these calls belonged to a client still waiting.
+                    log.info("connection %s ended with %d call(s) in flight, cancelled: streams %s",
+                             self.peer, len(self.inflight), sorted(self.inflight)[:8])
                 self.closed = True
                 nursery.cancel_scope.cancel()
 

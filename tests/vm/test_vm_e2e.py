@@ -107,6 +107,22 @@ def test_agentctl_check_over_the_printed_address(guest_vm):
     assert main(["--server-addr", st.server_addr, "check"]) == 0
 
 
+def test_quickly_successive_clients_are_all_answered(guest_vm):
+    """Each test here is a new client. Over QEMU's own socket a call sent right after the
+    previous client left could be cancelled in the guest together with the old connection (a
+    CreateContainer in CI never got its answer); through the relay the guest sees one
+    connection. Calls that wait on init (GetMetrics), as those did, not inline ones."""
+    st, _ = guest_vm
+
+    async def go():
+        for i in range(30):
+            async with open_client(st.server_addr) as c:
+                m = await c.call(SVC, "GetMetrics", agent_pb2.GetMetricsRequest(),
+                                 agent_pb2.Metrics, timeout=30)
+                assert m.metrics, i
+    trio.run(go)
+
+
 def test_guest_details(guest_vm):
     st, _ = guest_vm
     r = call(st.server_addr, "GetGuestDetails", agent_pb2.GuestDetailsRequest(
