@@ -50,6 +50,7 @@ BACKOFF_START = 0.1
 STABLE_AFTER = 10.0  # a daemon that lived this long resets the backoff
 JOB_TIMEOUT = 60.0   # a runtime or network worker still running after this is killed
 ZYGOTE_FIRST_START = 10.0  # seconds: start the warm launcher by then even if no request came
+PULLER_ZYGOTE_FIRST_START = 30.0  # the same for the puller's
 
 # (source, target, fstype, flags, data) mounted by PID 1 at boot.
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_RELATIME = 2, 4, 8, 1 << 21
@@ -170,6 +171,16 @@ class Init:
             self.zygote = ZygoteLink(boot_argv(sys.executable, launcher_paths(), os.getpid()),
                                      self.log, first_start=ZYGOTE_FIRST_START)
             self.sandbox.zygote = self.zygote
+        # The puller's image jobs (pull where there is no puller container, snapshot,
+        # unsnapshot) in forks of a warm process too: started at the first image request, or
+        # once the launcher's is ready (one warm-up at a time), or after a while.
+        self.puller_zygote: ZygoteLink | None = None
+        if cfg.zygote:
+            self.puller_zygote = ZygoteLink(
+                boot_argv(sys.executable, launcher_paths(), os.getpid(), "puller"), self.log,
+                first_start=PULLER_ZYGOTE_FIRST_START, name="warm puller")
+            self.sandbox.puller_zygote = self.puller_zygote
+        self.zygotes = [z for z in (self.zygote, self.puller_zygote) if z is not None]
         self.daemon = DaemonSlot(daemon_argv)
         self.listen_fd = listen_fd
         self.jobs: dict[int, tuple[Job, int, int]] = {}  # pid -> (job, request id, generation)
@@ -326,6 +337,8 @@ class Init:
         rid = msg["id"]
         if self.zygote is not None:
             self.zygote.wanted_now()
+        if self.puller_zygote is not None and msg.get("op") in ("pull", "snapshot", "unsnapshot"):
+            self.puller_zygote.wanted_now()
         try:
             op = ops.parse(msg.get("op"), msg.get("args", {}), len(pkt.fds), self.cfg.run_dir)
         except ops.ValidationError as e:
@@ -442,19 +455,19 @@ class Init:
             self._finish_job(pid)
 
     def _zygote_exits(self) -> None:
-        if self.zygote is not None:
-            for pid, status in self.zygote.take_exits():
+        for z in self.zygotes:
+            for pid, status in z.take_exits():
                 self._job_exited(pid, status)
 
     def reap(self) -> None:
         for pid, status in sysc.reaped():
             if pid == self.daemon.pid:
                 self._daemon_exited(status)
-            elif self.zygote is not None and pid == self.zygote.pid:
-                self.zygote.exited(status)
+            elif any(pid == z.pid for z in self.zygotes):
+                next(z for z in self.zygotes if z.pid == pid).exited(status)
             elif pid in self.jobs:
-                if self.zygote is not None:
-                    self.zygote.adopted(pid)  # a worker orphaned by the zygote's death
+                for z in self.zygotes:
+                    z.adopted(pid)  # a worker orphaned by its zygote's death
                 self._job_exited(pid, status)
             else:
                 p = self.table.reaped(pid, status)
@@ -482,24 +495,25 @@ class Init:
         return self.exit_status
 
     def _loop(self) -> None:
-        d, z = self.daemon, self.zygote
+        d, zs = self.daemon, self.zygotes
         while not self.stopping:
             now = time.monotonic()
             if d.pid is None and d.restart_at is not None and now >= d.restart_at:
                 self.start_daemon()
-            if z is not None:
+            if (self.puller_zygote is not None and self.zygote is not None
+                    and self.zygote.ready):
+                self.puller_zygote.wanted_now()  # the launcher's warm-up is over: its turn
+            for z in zs:
                 z.tick(now)
             wake_at = [j.deadline for j, _, _ in self.jobs.values() if not j.killed]
             if d.pid is None and d.restart_at is not None:
                 wake_at.append(d.restart_at)
-            if z is not None and z.wake_at() is not None:
-                wake_at.append(z.wake_at())
+            wake_at += [t for t in (z.wake_at() for z in zs) if t is not None]
             timeout = max(0.0, min(wake_at) - time.monotonic()) if wake_at else None
             rl = [self._wake_r]
             if self._daemon_err is not None:
                 rl.append(self._daemon_err)
-            if z is not None and z.sock is not None:
-                rl.append(z.sock)
+            rl += [z.sock for z in zs if z.sock is not None]
             wl = []
             if d.sock is not None:
                 rl.append(d.sock)
@@ -531,8 +545,9 @@ class Init:
                     self._job_output(job)
                 if job.done:
                     self._finish_job(pid)
-            if z is not None and z.sock is not None and z.sock in r:
-                z.read()
+            for z in zs:
+                if z.sock is not None and z.sock in r:
+                    z.read()
             if d.sock is not None and d.sock in r:
                 self._read_daemon()
             self._kill_overdue_jobs()
@@ -555,8 +570,8 @@ class Init:
     def shutdown(self) -> None:
         """Stop every container, stop the daemon, sync; power off as PID 1 in a VM."""
         self._flush_blocking()
-        if self.zygote is not None:
-            self.zygote.stop()  # the deletes below go through the CLI: init waits for them
+        for z in self.zygotes:
+            z.stop()  # the deletes below go through the CLI: init waits for them
         for pid in self.table.live_pids():
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -119,6 +119,8 @@ class Sandbox:
         self.runtime = runtime_argv(runtime)
         # The warm launcher (init sets it when the runtime is ours); None = always the CLI.
         self.zygote: ZygoteLink | None = None
+        # The same for the puller's image jobs (agent.privsep.imageops); None = a new process.
+        self.puller_zygote: ZygoteLink | None = None
         self.kept: dict[int, dict[str, int]] = {}  # pid -> role -> the daemon's end of its stdio
         self.table = table or ProcessTable()
         self._seq = 0
@@ -442,11 +444,12 @@ class Sandbox:
     def op_initstats(self, op: ops.InitStats, fds: list[int]) -> Reply:
         from ..observe import process_stats
         out = process_stats(os.getpid())
-        if self.zygote is not None and self.zygote.pid is not None:
-            try:  # the warm launcher's memory is a cost of its design: reported beside init's
-                out["zygote"] = process_stats(self.zygote.pid)
-            except OSError:
-                pass
+        for name, z in (("zygote", self.zygote), ("puller_zygote", self.puller_zygote)):
+            if z is not None and z.pid is not None:
+                try:  # the warm processes' memory is a cost of their design: beside init's
+                    out[name] = process_stats(z.pid)
+                except OSError:
+                    pass
         return Reply(out)
 
     def op_release(self, op: ops.Release, fds: list[int]) -> Reply:

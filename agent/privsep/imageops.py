@@ -197,6 +197,24 @@ def parse(op: str, args: dict):
 
 # ---- acting ------------------------------------------------------------------------------
 
+def _spawn_job(sandbox, argv: list[str], stdio: list, env: dict | None) -> int:
+    """A puller job in a worker of the warm puller process when it is ready and the job needs
+    nothing in its environment (credentials travel there, and only to a process made for
+    them); else a new process."""
+    z = sandbox.puller_zygote
+    if z is not None and env is None and argv[:3] == _agentjob():
+        from .zygote_link import ZygoteUnavailable
+        try:
+            return z.spawn(argv[3:], stdio)
+        except ZygoteUnavailable:
+            pass
+    return sandbox._spawn(argv, stdio, env)
+
+
+def _agentjob() -> list[str]:
+    return [sys.executable, "-m", "puller.agentjob"]
+
+
 def _json_job(sandbox, argv: list[str], what: str, env: dict | None = None):
     """A child whose stdout is one JSON answer; its stderr goes to a log read on failure."""
     from .handlers import Job, OpError, Reply
@@ -205,7 +223,14 @@ def _json_job(sandbox, argv: list[str], what: str, env: dict | None = None):
     log = sandbox._tmp("log")
     logfd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        pid = sandbox._spawn(argv, [None, w, logfd], env)
+        pid = _spawn_job(sandbox, argv, [None, w, logfd], env)
+    except BaseException:
+        os.close(r)
+        try:
+            os.unlink(log)
+        except OSError:
+            pass
+        raise
     finally:
         os.close(w)
         os.close(logfd)
@@ -279,7 +304,7 @@ def handle(sandbox, op, fds: list[int]):
     from .handlers import OpError, Reply
 
     store = os.path.join(sandbox.run_dir, IMAGES_DIR)
-    py = [sys.executable, "-m", "puller.agentjob"]
+    py = _agentjob()
     if isinstance(op, PullImage):
         if os.path.isfile(PULLER_ROOTFS + PULLER_PYTHON):
             return _pull_in_container(sandbox, op, store)

@@ -48,6 +48,14 @@ PRELOAD = ("agent.launcher.cli", "agent.launcher.container", "agent.launcher.ini
            "agent.launcher.hooks", "agent.jsonlite", "agent.launcher.rootfs",
            "agent.launcher.process", "agent.launcher.capabilities", "agent.launcher.sync",
            "agent.launcher.syscalls", "_pickle", "pyseccomp")
+# The puller's jobs (puller.agentjob: pull, snapshot, unsnapshot), for the second zygote init
+# runs: a snapshot worker forks the lazy FUSE daemon from these warm modules as well.
+PRELOAD_PULLER = ("puller.agentjob", "puller.pull", "puller.store", "puller.snapshot",
+                  "puller.storeconfig", "puller.auth", "puller.platform", "puller.registry",
+                  "puller.imageconfig", "puller.lazy.cli", "puller.lazy.locate",
+                  "puller.lazy.mount", "puller.lazy.daemon")
+# kind -> (module whose main(argv) a worker runs, what to import first)
+KINDS = {"launcher": ("agent.launcher.cli", PRELOAD), "puller": ("puller.agentjob", PRELOAD_PULLER)}
 
 
 def check_request(msg: dict, nfds: int) -> list[str]:
@@ -65,7 +73,8 @@ def check_request(msg: dict, nfds: int) -> list[str]:
 
 
 def preload(names=PRELOAD) -> list[str]:
-    """Import the launcher's modules; returns the names that failed (logged by the caller)."""
+    """Import the modules a worker will run; returns the names that failed (logged by the
+    caller)."""
     import importlib
     failed = []
     for name in names:
@@ -73,40 +82,44 @@ def preload(names=PRELOAD) -> list[str]:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - see PRELOAD
             failed.append(name)
-    try:
-        from agent.launcher import syscalls
-        syscalls.default()  # libc through ctypes, resolved once
-    except Exception:  # noqa: BLE001
-        failed.append("agent.launcher.syscalls.default")
+    if "agent.launcher.syscalls" in names:
+        try:
+            from agent.launcher import syscalls
+            syscalls.default()  # libc through ctypes, resolved once
+        except Exception:  # noqa: BLE001
+            failed.append("agent.launcher.syscalls.default")
     return failed
 
 
-def _worker(argv: list[str], fds: list[int]) -> int:
+def _worker(argv: list[str], fds: list[int], entry: str = "agent.launcher.cli") -> int:
     """In the forked worker: stdio from init, then the CLI's own entry point."""
     for i, fd in enumerate(fds):
         os.dup2(fd, i)  # dup2 clears close-on-exec on 0, 1, 2
     for fd in fds:
         if fd > 2:
             os.close(fd)
-    from agent.launcher import cli
     try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+        import importlib
+        code = importlib.import_module(entry).main(argv)
+    except SystemExit as e:  # as the interpreter ends: None is 0, a message goes to stderr
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        if not isinstance(e.code, (int, type(None))):
+            os.write(2, f"{e.code}\n".encode(errors="replace"))
     except BaseException as e:  # noqa: BLE001 - the CLI's contract: a line on stderr, status 1
-        os.write(2, f"oci-launcher: {type(e).__name__}: {e}\n".encode())
+        os.write(2, f"{'oci-launcher' if entry == 'agent.launcher.cli' else entry}: {type(e).__name__}: {e}\n".encode())
         code = 1
     try:
         sys.stdout.flush()
         sys.stderr.flush()
     except Exception:  # noqa: BLE001
         pass
-    return code
+    return code if isinstance(code, int) else 0
 
 
 class Zygote:
-    def __init__(self, chan) -> None:
+    def __init__(self, chan, entry: str = "agent.launcher.cli") -> None:
         self.chan = chan
+        self.entry = entry
         self.workers: set[int] = set()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -124,7 +137,7 @@ class Zygote:
                 self.chan.close()  # a container must never reach the zygote
                 os.close(self._wake_r)
                 os.close(self._wake_w)
-                code = _worker(argv, fds)
+                code = _worker(argv, fds, self.entry)
             finally:
                 os._exit(code)
         return pid
@@ -194,7 +207,12 @@ def _protect_exe() -> None:
 
 
 def main() -> None:
-    """Entry point: ``python -I -S -c <boot> INIT_PID`` from init, the channel on fd 3."""
+    """Entry point: ``python -I -S -c <boot> INIT_PID [KIND]`` from init, the channel on fd 3;
+    KIND (see KINDS) is ``launcher`` unless given."""
+    kind = sys.argv[2] if len(sys.argv) > 2 else "launcher"
+    if kind not in KINDS:
+        sys.exit(f"zygote: unknown kind {kind!r}")
+    entry, names = KINDS[kind]
     # Warming up (imports: seconds on one emulated CPU) must not slow the daemon starting
     # beside it, so it starts at the lowest priority (init sets it and raises it again after a
     # while, see zygote_link); the priority in ENV_PRIORITY is restored before the first fork,
@@ -204,8 +222,9 @@ def main() -> None:
         os.environ[ENV_PRIORITY] = str(os.getpriority(os.PRIO_PROCESS, 0))
         os.setpriority(os.PRIO_PROCESS, 0, LOW_PRIORITY)
     from agent.oci_launcher import _add_site_packages
-    _add_site_packages()  # pyseccomp lives in the venv's site-packages
-    _protect_exe()
+    _add_site_packages()  # pyseccomp, trio, pyfuse3 live in the venv's site-packages
+    if kind == "launcher":  # its workers enter containers; the puller's never do
+        _protect_exe()
     prio = os.environ.pop(ENV_PRIORITY)
     from . import sysc
     sysc.prctl(sysc.PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive init
@@ -214,7 +233,7 @@ def main() -> None:
     import socket
     chan = socket.socket(fileno=CHANNEL_FD)
     os.set_inheritable(CHANNEL_FD, False)
-    failed = preload()
+    failed = preload(names)
     os.setpriority(os.PRIO_PROCESS, 0, int(prio))  # raises (no CAP_SYS_NICE): init uses the CLI
     wire.send_packet(chan, {"t": "ev", "ev": "ready", "failed": failed})
-    sys.exit(Zygote(chan).serve())
+    sys.exit(Zygote(chan, entry).serve())

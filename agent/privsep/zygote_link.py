@@ -32,8 +32,10 @@ LOW_PRIORITY = 19
 ENV_PRIORITY = "_SANDBOX_AGENT_ZYGOTE_PRIORITY"
 REPLY_TIMEOUT = 5.0     # waiting for a fork's answer; a zygote that overruns it is killed
 BACKOFF_START, BACKOFF_MAX, STABLE_AFTER = 0.5, 30.0, 10.0
-LOST_STATUS = 255 << 8
-COMMANDS = ("create", "start", "exec", "kill", "delete", "state", "run")  # waitpid status reported for a worker whose zygote died with it
+LOST_STATUS = 255 << 8  # waitpid status reported for a worker whose zygote died with it
+# the verbs named in the debug line of a command's worker (the launcher's, the puller's)
+COMMANDS = ("create", "start", "exec", "kill", "delete", "state", "run", "pull", "snapshot",
+            "unsnapshot")
 
 
 class ZygoteUnavailable(Exception):
@@ -44,19 +46,22 @@ class ZygoteLost(OSError):
     """The zygote failed after receiving a command: whether it ran is unknown."""
 
 
-def boot_argv(python: str, paths: list[str], init_pid: int) -> list[str]:
+def boot_argv(python: str, paths: list[str], init_pid: int, kind: str = "launcher") -> list[str]:
+    """The zygote's command line; ``kind``: ``launcher`` (runtime commands) or ``puller``
+    (the puller's image jobs), see agent.privsep.zygote.KINDS."""
     boot = (f"import sys;sys.path[:0]={paths!r};"
             "from agent.privsep.zygote import main;main()")
-    return [python, "-I", "-S", "-c", boot, str(init_pid)]
+    return [python, "-I", "-S", "-c", boot, str(init_pid), kind]
 
 
 class ZygoteLink:
     def __init__(self, argv: list[str], log, env: dict | None = None,
                  first_start: float = 0.0, ready_timeout: float = READY_TIMEOUT,
-                 low_priority_for: float = LOW_PRIORITY_FOR) -> None:
+                 low_priority_for: float = LOW_PRIORITY_FOR, name: str = "warm launcher") -> None:
         """``first_start``: seconds until the first start, unless :meth:`wanted_now` comes
         first (init calls it at the daemon's first request, as the daemon starts serving)."""
         self.argv, self.log, self.env = argv, log, env
+        self.name = name  # in log lines and errors
         self.pid: int | None = None
         self.sock = None
         self.ready = False
@@ -97,7 +102,7 @@ class ZygoteLink:
         except OSError as e:
             mine.close()
             self.started_at = time.monotonic()
-            self.log.error("cannot start the warm launcher; using the runtime CLI",
+            self.log.error(f"cannot start the {self.name}; commands run in new processes",
                            argv=self.argv[:1], error=str(e))
             self._schedule_restart()
             return
@@ -111,7 +116,7 @@ class ZygoteLink:
         mine.setblocking(False)
         self.sock, self.ready, self.started_at = mine, False, time.monotonic()
         self.killed = self.raised = False
-        self.log.info("warm launcher started", pid=self.pid)
+        self.log.info(f"{self.name} started", pid=self.pid)
 
     def _schedule_restart(self) -> None:
         if time.monotonic() - self.started_at >= STABLE_AFTER:
@@ -148,9 +153,9 @@ class ZygoteLink:
             try:
                 os.setpriority(os.PRIO_PROCESS, self.pid, os.getpriority(os.PRIO_PROCESS, 0))
             except OSError as e:  # gone meanwhile (reaped soon), or no CAP_SYS_NICE
-                self.log.debug("cannot raise the warm launcher's priority", error=str(e))
+                self.log.debug(f"cannot raise the {self.name}'s priority", error=str(e))
         if now >= self.started_at + self.ready_timeout:
-            self.log.error("warm launcher not ready in time; killing it",
+            self.log.error(f"{self.name} not ready in time; killing it",
                            pid=self.pid, timeout=self.ready_timeout)
             self._kill()
 
@@ -173,7 +178,7 @@ class ZygoteLink:
         """Init reaped the zygote. Its workers that are still alive were reparented to init,
         which reaps them as its own; one already gone, whose report died with the zygote, is
         reported as failed."""
-        self.log.warn("warm launcher exited; commands use the runtime CLI until it is back",
+        self.log.warn(f"{self.name} exited; commands run in new processes until it is back",
                       pid=self.pid, status=status)
         self.pid, self.killed = None, False
         self._close()
@@ -208,10 +213,10 @@ class ZygoteLink:
                 self.exits.append((pid, status))
         elif m["t"] == "ev" and m.get("ev") == "ready":
             self.ready = True
-            self.log.info("warm launcher ready", pid=self.pid,
+            self.log.info(f"{self.name} ready", pid=self.pid,
                           preload_failed=m.get("failed") or None)
         elif m["t"] == "ev":
-            self.log.warn("warm launcher says", msg=str(m.get("msg", m))[:500])
+            self.log.warn(f"{self.name} says", msg=str(m.get("msg", m))[:500])
         elif m["t"] == "rep" and m.get("id") == want:
             return m
         return None
@@ -227,7 +232,7 @@ class ZygoteLink:
             except BlockingIOError:
                 return
             except (wire.ProtocolError, OSError) as e:
-                self.log.error("warm launcher channel broken; killing it", error=str(e))
+                self.log.error(f"{self.name} channel broken; killing it", error=str(e))
                 self._kill()
                 return
             if pkt is None:
@@ -244,7 +249,7 @@ class ZygoteLink:
         ``stdio`` as its 0, 1, 2 (None = /dev/null); returns the worker's pid. The exit
         status arrives later through :attr:`exits`."""
         if self.sock is None or not self.ready:
-            raise ZygoteUnavailable("the warm launcher is not running")
+            raise ZygoteUnavailable(f"the {self.name} is not running")
         self._id += 1
         rid = self._id
         null = None
@@ -263,14 +268,14 @@ class ZygoteLink:
                                              "args": {"argv": argv}}, fds)
             except OSError as e:  # not sent, so not run
                 self._kill()
-                raise ZygoteUnavailable(f"sending to the warm launcher: {e}") from None
+                raise ZygoteUnavailable(f"sending to the {self.name}: {e}") from None
             deadline = time.monotonic() + REPLY_TIMEOUT
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0 or not select.select([self.sock], [], [], left)[0]:
-                    self.log.error("warm launcher did not answer; killing it", pid=self.pid)
+                    self.log.error(f"{self.name} did not answer; killing it", pid=self.pid)
                     self._kill()
-                    raise ZygoteLost(f"the warm launcher did not answer in "
+                    raise ZygoteLost(f"the {self.name} did not answer in "
                                         f"{REPLY_TIMEOUT} s")
                 try:
                     pkt = wire.recv_packet(self.sock)
@@ -278,23 +283,23 @@ class ZygoteLink:
                     # The zygote's end closed with data unread, and init sends one request at
                     # a time: it died without reading this one, so nothing ran.
                     self._kill()
-                    raise ZygoteUnavailable("the warm launcher died before reading the "
+                    raise ZygoteUnavailable(f"the {self.name} died before reading the "
                                             "command") from None
                 except (wire.ProtocolError, OSError) as e:
                     self._kill()
-                    raise ZygoteLost(f"warm launcher channel: {e}") from None
+                    raise ZygoteLost(f"{self.name} channel: {e}") from None
                 if pkt is None:
                     self._close()
-                    raise ZygoteLost("the warm launcher exited while starting the command")
+                    raise ZygoteLost(f"the {self.name} exited while starting the command")
                 rep = self._on_packet(pkt, rid)
                 if rep is None:
                     continue
                 if not rep.get("ok"):
                     err = rep.get("error") or {}
-                    raise ZygoteLost(f"warm launcher: {err.get('msg')}")
+                    raise ZygoteLost(f"{self.name}: {err.get('msg')}")
                 pid = rep["result"]["pid"]
                 self.workers.add(pid)
-                self.log.debug("runtime command in a warm launcher worker", pid=pid,
+                self.log.debug("command in a warm worker", pid=pid, zygote=self.pid,
                                command=next((w for w in argv if w in COMMANDS), "?"))
                 return pid
         finally:

@@ -52,7 +52,8 @@ def zygote_pid(agent, timeout: float = 30, not_pid: int = 0) -> int:
     init = agent.pids()["init"]
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        z = [p for p, cmd in _children(init).items() if b"agent.privsep.zygote" in cmd]
+        z = [p for p, cmd in _children(init).items()
+             if b"agent.privsep.zygote" in cmd and cmd.endswith(b"\0launcher\0")]  # not the puller's
         ready = agent.logs().count('"warm launcher ready"')
         if z and z[0] != not_pid and ready >= (2 if not_pid else 1):
             return z[0]
@@ -64,7 +65,7 @@ def worker_commands(agent) -> list[str]:
     import json
     out = []
     for line in agent.logs().splitlines():
-        if "warm launcher worker" in line:
+        if '"command in a warm worker"' in line:
             out.append(json.loads(line)["fields"]["command"])
     return out
 
@@ -174,6 +175,6 @@ def test_errors_read_as_through_the_cli(agent, cli_agent, rootfs):
         run(a, body)
     assert "/no/such/dir" in errors[0]
     assert errors[0] == errors[1]
-    assert "warm launcher worker" not in cli_agent.logs()
+    assert '"command in a warm worker"' not in cli_agent.logs()
     assert not [p for p, cmd in _children(cli_agent.pids()["init"]).items()
                 if b"agent.privsep.zygote" in cmd]

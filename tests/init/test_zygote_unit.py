@@ -362,3 +362,47 @@ def test_zygote_warms_up_at_low_priority_then_gets_inits_back():
     finally:
         z.stop()
         os.waitpid(pid, 0)
+
+
+def test_puller_zygote_runs_the_puller_jobs(tmp_path):
+    """The second kind (init's warm puller): workers run puller.agentjob with init's argv,
+    answer on stdout and fail as the job's own process would, message on stderr included."""
+    if os.geteuid() != 0:
+        pytest.skip("the zygote arms PR_SET_PDEATHSIG: run as root")
+    assert zygote.preload(zygote.PRELOAD_PULLER) == []
+    log = io.StringIO()
+    z = ZygoteLink(boot_argv(sys.executable, launcher_paths(), os.getpid(), "puller"),
+                   JsonLogger("init", "debug", stream=log), name="warm puller")
+    z.start()
+    try:
+        _pump(z, lambda: z.ready)
+        assert "warm puller ready" in log.getvalue()
+        # not re-executed from a sealed copy: its workers never enter a container
+        assert not os.readlink(f"/proc/{z.pid}/exe").startswith("/memfd:")
+        store = str(tmp_path / "store")
+
+        def job(*argv):
+            r, w = os.pipe()
+            er, ew = os.pipe()
+            pid = z.spawn(list(argv), [None, w, ew])
+            os.close(w)
+            os.close(ew)
+            _pump(z, lambda: z.exits)
+            (got, status), = z.take_exits()
+            assert got == pid
+            out, err = os.read(r, 65536), os.read(er, 65536)
+            os.close(r)
+            os.close(er)
+            return os.waitstatus_to_exitcode(status), out.decode(), err.decode()
+
+        assert job("unsnapshot", "nosuch", "--store", store) == (0, '{"removed": false}', "")
+        code, out, err = job("snapshot", "reg.example/a/b:1", "--store", store, "--dest",
+                             str(tmp_path / "root"), "--id", "c1")
+        assert (code, out) == (1, "") and "is not in the store" in err  # SystemExit's text
+        code, _, err = job("frobnicate")
+        assert code == 2 and "invalid choice: 'frobnicate'" in err  # argparse's usage error
+    finally:
+        pid = z.pid
+        z.stop()
+        if pid is not None:
+            os.waitpid(pid, 0)
