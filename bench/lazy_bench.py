@@ -22,8 +22,13 @@ machine), and per round the phases pull / mount (daemon start + FUSE + overlay) 
 a filled chunk cache; warm-page: the same mount again) beside the same read from the full
 pull's overlay snapshot, and skopeo copy + umoci unpack as a reference full pull.
 
+Then --agent-runs rounds of the same through the agent (init + daemon on this host): PullImage
+with a container_id, CreateContainer, StartContainer, ReadStdout to the output, full vs lazy,
+each from an empty image store; the puller's jobs run in forks of init's warm puller.
+
 Needs root, docker-registry, /dev/fuse, fusermount3 (and skopeo, umoci for the reference).
 Usage: python bench/lazy_bench.py [--mb 320] [--runs 3] [--read-mb 4] [--loopback-only]
+                                  [--agent-runs 5]
 """
 from __future__ import annotations
 
@@ -239,6 +244,70 @@ def compare(a, work: Path, host: str, image_bytes: int, script: str, mounts: lis
               f"of the {image_bytes / 1e6:.0f} MB image (goal <= 10%)")
 
 
+def agent_compare(a, work: Path, host: str, script: str) -> None:
+    """The same comparison through the agent, as a runtime drives it: init and the daemon run
+    on this host as the agent tests start them, and each round is PullImage (with a
+    container_id: pull job + snapshot job) then CreateContainer, StartContainer and ReadStdout
+    to the entrypoint's output, full vs lazy, every round from an empty image store."""
+    import trio
+    sys.path.insert(0, str(REPO / "tests" / "agent"))
+    import client as C  # noqa: E402 - the agent tests' own helpers
+    from conftest import Agent, spec  # noqa: E402
+
+    from agent.protos import agent_pb2
+    from agent.ttrpc import open_client
+
+    os.chmod(work, 0o711)  # the confined daemon (uid 65534) makes its dirs beneath
+    (work / "agent").mkdir()
+    ag = Agent(work / "agent")
+    ag.start()
+    try:
+        end = time.monotonic() + 60
+        while "warm puller ready" not in ag.logs() and time.monotonic() < end:
+            time.sleep(0.1)
+        warm = "warm puller ready" in ag.logs()
+        store = ag.run_dir / "images"
+        ref = f"{host}/bench/lazy:v1"
+        times: dict[str, list[tuple[float, float]]] = {"full": [], "lazy": []}
+
+        async def one(cid: str, lazy: bool) -> tuple[float, float]:
+            async with open_client(ag.addr) as c:
+                t = time.monotonic()
+                r = await c.call(C.SVC, "PullImage", agent_pb2.PullImageRequest(
+                    image=ref, container_id=cid, insecure_registries=[host], lazy=lazy),
+                    agent_pb2.PullImageResponse, timeout=300)
+                t1 = time.monotonic()
+                assert r.lazy == lazy, r
+                ctr = spec(r.rootfs, ["/bin/sh", "-c", script], netns=False)
+                ctr["root"]["readonly"] = False
+                await C.create(c, cid, ctr)
+                await C.start(c, cid)
+                out = await C.read_all(c, cid)
+                t2 = time.monotonic()
+                assert out == f"ready {a.read_mb << 20}\n".encode(), out
+                await C.wait(c, cid)
+                await C.remove(c, cid)
+                return t1 - t, t2 - t
+
+        for i in range(a.agent_runs):
+            for kind in ("full", "lazy"):
+                if store.exists():
+                    shutil.rmtree(store)  # its snapshots are gone with their containers
+                settle()
+                times[kind].append(trio.run(one, f"{kind}{i}", kind == "lazy"))
+        full = [b for _, b in times["full"]]
+        lazy = [b for _, b in times["lazy"]]
+        print(f"\nthrough the agent (PullImage + Create/Start + ReadStdout), median of {a.agent_runs}, "
+              f"warm puller {'ready' if warm else 'NOT ready (jobs were new processes)'}:")
+        for kind, xs in (("full", full), ("lazy", lazy)):
+            print(f"  {kind}: PullImage {med([p for p, _ in times[kind]]):6.3f} s, output "
+                  f"{med(xs):6.3f} s  {['%.3f' % x for x in xs]}")
+        print(f"  lazy first output {med(full) / med(lazy):5.1f}x sooner "
+              f"(per round {med([f / l for f, l in zip(full, lazy)]):.1f}x)")
+    finally:
+        ag.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=int, default=320)
@@ -249,6 +318,8 @@ def main() -> int:
                     help="only the loopback comparison (no emulated link, format cost or read throughput)")
     ap.add_argument("--link-mbit", type=int, default=1000, help="bandwidth of the emulated link")
     ap.add_argument("--rtt-ms", type=float, default=2.0, help="delay added to each request on the emulated link")
+    ap.add_argument("--agent-runs", type=int, default=5,
+                    help="rounds of the comparison through the agent (0: skip it)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("lazy_bench needs root (FUSE allow_other, overlayfs, chroot)", file=sys.stderr)
@@ -293,6 +364,8 @@ def main() -> int:
         print(f"recorded prefetch list: {len(recorded)} files, indexed into {LISTED}")
 
         compare(a, work, reg.host, image_bytes, script, mounts, "loopback (registry on 127.0.0.1)")
+        if a.agent_runs:
+            agent_compare(a, work, reg.host, script)
         if a.loopback_only:
             return 0
         proxy = LinkProxy(reg.host, a.link_mbit * 1e6 / 8, a.rtt_ms / 1e3)
