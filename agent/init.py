@@ -50,7 +50,6 @@ BACKOFF_START = 0.1
 STABLE_AFTER = 10.0  # a daemon that lived this long resets the backoff
 JOB_TIMEOUT = 60.0   # a runtime or network worker still running after this is killed
 ZYGOTE_FIRST_START = 10.0  # seconds: start the warm launcher by then even if no request came
-PULLER_ZYGOTE_FIRST_START = 30.0  # the same for the puller's
 
 # (source, target, fstype, flags, data) mounted by PID 1 at boot.
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_RELATIME = 2, 4, 8, 1 << 21
@@ -172,13 +171,14 @@ class Init:
                                      self.log, first_start=ZYGOTE_FIRST_START)
             self.sandbox.zygote = self.zygote
         # The puller's image jobs (pull where there is no puller container, snapshot,
-        # unsnapshot) in forks of a warm process too: started at the first image request, or
-        # once the launcher's is ready (one warm-up at a time), or after a while.
+        # unsnapshot) in forks of a warm process too. It holds ~24 MiB in the guest (trio,
+        # pyfuse3, the puller), so only a sandbox that pulls images pays for it: it starts at
+        # the first image request, whose own jobs are still new processes.
         self.puller_zygote: ZygoteLink | None = None
         if cfg.zygote:
             self.puller_zygote = ZygoteLink(
                 boot_argv(sys.executable, launcher_paths(), os.getpid(), "puller"), self.log,
-                first_start=PULLER_ZYGOTE_FIRST_START, name="warm puller")
+                first_start=None, name="warm puller")
             self.sandbox.puller_zygote = self.puller_zygote
         self.zygotes = [z for z in (self.zygote, self.puller_zygote) if z is not None]
         self.daemon = DaemonSlot(daemon_argv)
@@ -500,9 +500,6 @@ class Init:
             now = time.monotonic()
             if d.pid is None and d.restart_at is not None and now >= d.restart_at:
                 self.start_daemon()
-            if (self.puller_zygote is not None and self.zygote is not None
-                    and self.zygote.ready):
-                self.puller_zygote.wanted_now()  # the launcher's warm-up is over: its turn
             for z in zs:
                 z.tick(now)
             wake_at = [j.deadline for j, _, _ in self.jobs.values() if not j.killed]

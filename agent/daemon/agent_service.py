@@ -711,8 +711,9 @@ class AgentService:
         agent_stats = {"daemon": daemon}
         try:
             agent_stats["init"] = dict((await self.init.call("init_stats")).result)
-            if isinstance(agent_stats["init"].get("zygote"), dict):
-                agent_stats["zygote"] = agent_stats["init"].pop("zygote")
+            for warm in ("zygote", "puller_zygote"):  # init's warm processes, each on its own
+                if isinstance(agent_stats["init"].get(warm), dict):
+                    agent_stats[warm] = agent_stats["init"].pop(warm)
         except (InitError, InitGone):
             pass
         containers = {}

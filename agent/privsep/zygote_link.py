@@ -56,10 +56,11 @@ def boot_argv(python: str, paths: list[str], init_pid: int, kind: str = "launche
 
 class ZygoteLink:
     def __init__(self, argv: list[str], log, env: dict | None = None,
-                 first_start: float = 0.0, ready_timeout: float = READY_TIMEOUT,
+                 first_start: float | None = 0.0, ready_timeout: float = READY_TIMEOUT,
                  low_priority_for: float = LOW_PRIORITY_FOR, name: str = "warm launcher") -> None:
         """``first_start``: seconds until the first start, unless :meth:`wanted_now` comes
-        first (init calls it at the daemon's first request, as the daemon starts serving)."""
+        first (init calls it at the daemon's first request, as the daemon starts serving);
+        None: only when wanted."""
         self.argv, self.log, self.env = argv, log, env
         self.name = name  # in log lines and errors
         self.pid: int | None = None
@@ -73,7 +74,8 @@ class ZygoteLink:
         self.killed = False
         self.started_at = 0.0
         # monotonic time of the next start; None = none due
-        self.restart_at: float | None = time.monotonic() + first_start
+        self.restart_at: float | None = (None if first_start is None
+                                         else time.monotonic() + first_start)
         self.wanted = True                    # False once init stops it for good
         self.backoff = BACKOFF_START
         self.restarts = 0
@@ -127,8 +129,9 @@ class ZygoteLink:
 
     def wanted_now(self) -> None:
         """Start at the next tick if it was never started (see __init__)."""
-        if self.pid is None and self.started_at == 0.0 and self.restart_at is not None:
-            self.restart_at = min(self.restart_at, time.monotonic())
+        if self.pid is None and self.started_at == 0.0 and self.wanted:
+            now = time.monotonic()
+            self.restart_at = now if self.restart_at is None else min(self.restart_at, now)
 
     def wake_at(self) -> float | None:
         """When init's loop must call :meth:`tick` next."""

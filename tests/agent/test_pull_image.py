@@ -146,32 +146,41 @@ def test_image_guest_pull_storage(agent, image):
 
 
 def test_image_jobs_run_in_the_warm_puller(agent, image):
-    """Once init's warm puller is ready, PullImage's jobs (pull, snapshot) and RemoveContainer's
-    unsnapshot are forks of it instead of new interpreters; answers and errors are the same."""
+    """Init's warm puller starts at the first image request (a sandbox that pulls nothing
+    does not pay its memory); from then on PullImage's jobs (pull, snapshot) and
+    RemoveContainer's unsnapshot are forks of it instead of new interpreters, with the same
+    answers and errors."""
     import time
     reg, ref, pushed = image
-    end = time.monotonic() + 60
-    while "warm puller ready" not in agent.logs():
-        assert time.monotonic() < end, agent.logs()[-3000:]
-        time.sleep(0.1)
+    assert "warm puller started" not in agent.logs()
 
     def warm(command):
         return [r for r in map(json.loads, filter(None, agent.logs().splitlines()))
                 if r.get("msg") == "command in a warm worker"
                 and r.get("fields", {}).get("command") == command]
 
-    async def body(c):
-        req = agent_pb2.PullImageRequest(image=ref, container_id="wp", insecure_registries=[reg.host])
+    async def pull_and_run(c, cid):
+        req = agent_pb2.PullImageRequest(image=ref, container_id=cid, insecure_registries=[reg.host])
         r = await c.call(C.SVC, "PullImage", req, agent_pb2.PullImageResponse, timeout=120)
         assert r.manifest_digest == pushed.digest
         ctr = spec(r.rootfs, json.loads(r.runtime_config_json)["process"]["args"])
         ctr["root"]["readonly"] = False
-        await C.create(c, "wp", ctr)
-        await C.start(c, "wp")
-        assert await C.read_all(c, "wp") == b"hello from the image\n"
-        assert await C.wait(c, "wp") == 0
-        await C.remove(c, "wp")
+        await C.create(c, cid, ctr)
+        await C.start(c, cid)
+        assert await C.read_all(c, cid) == b"hello from the image\n"
+        assert await C.wait(c, cid) == 0
+        await C.remove(c, cid)
         assert not os.path.ismount(r.rootfs)
+
+    run(agent, lambda c: pull_and_run(c, "cold"), timeout=240)
+    end = time.monotonic() + 60
+    while "warm puller ready" not in agent.logs():
+        assert time.monotonic() < end, agent.logs()[-3000:]
+        time.sleep(0.1)
+    pulls = len(warm("pull"))
+
+    async def body(c):
+        await pull_and_run(c, "wp")
         with pytest.raises(TTRPCError) as e:  # the job's own message, through the worker
             await c.call(C.SVC, "PullImage", agent_pb2.PullImageRequest(
                 image=f"{reg.host}/demo/nosuch:v1", insecure_registries=[reg.host]),
@@ -179,5 +188,5 @@ def test_image_jobs_run_in_the_warm_puller(agent, image):
         assert "pull of" in e.value.message and "nosuch" in e.value.message, e.value.message
 
     run(agent, body, timeout=240)
-    assert len(warm("pull")) == 2 and warm("snapshot") and warm("unsnapshot"), \
+    assert len(warm("pull")) == pulls + 2 and warm("snapshot") and warm("unsnapshot"), \
         agent.logs()[-3000:]

@@ -406,3 +406,23 @@ def test_puller_zygote_runs_the_puller_jobs(tmp_path):
         z.stop()
         if pid is not None:
             os.waitpid(pid, 0)
+
+
+def test_zygote_on_demand_starts_only_when_wanted():
+    z = ZygoteLink(["/bin/sleep", "60"], JsonLogger("init", "debug", stream=io.StringIO()),
+                   first_start=None)
+    assert z.wake_at() is None
+    z.tick(time.monotonic() + 3600)
+    assert z.pid is None  # no time makes it start
+    z.wanted_now()
+    assert z.wake_at() is not None
+    z.tick(z.wake_at())
+    pid = z.pid
+    try:
+        assert pid is not None
+    finally:
+        z.stop()
+        if pid is not None:
+            os.waitpid(pid, 0)
+    z.wanted_now()  # stopped for good: wanting it again starts nothing
+    assert z.wake_at() is None
