@@ -260,8 +260,8 @@ def agent_compare(a, work: Path, host: str, script: str) -> None:
     os.chmod(work, 0o711)  # the confined daemon (uid 65534) makes its dirs beneath
     (work / "agent").mkdir()
     ag = Agent(work / "agent")
-    ag.start()
     try:
+        ag.start()
         store = ag.run_dir / "images"
         ref = f"{host}/bench/lazy:v1"
         times: dict[str, list[tuple[float, float]]] = {"full": [], "lazy": []}
