@@ -1,6 +1,12 @@
 """The warm launcher ("zygote"): a root child of init that has imported the OCI launcher once
 and forks a worker per runtime command.
 
+The same program serves a second kind, the warm puller (``KINDS``): its workers run
+``puller.agentjob.main(argv)`` - init's image jobs (pull without a puller container, snapshot,
+unsnapshot) - with trio, pyfuse3 and the puller imported once, so that a snapshot's FUSE
+daemon is a fork of warm modules too. It is not re-executed from a sealed copy (below): its
+workers never enter a container.
+
 Why: init used to posix_spawn ``python -I -S -c <boot> create ...`` for every runtime command;
 an interpreter start plus the launcher's imports cost ~25 ms per command, twice per container
 (create, start). A fork of a process that already holds those modules costs ~1 ms.
