@@ -112,7 +112,8 @@ def _worker(argv: list[str], fds: list[int], entry: str = "agent.launcher.cli") 
         if not isinstance(e.code, (int, type(None))):
             os.write(2, f"{e.code}\n".encode(errors="replace"))
     except BaseException as e:  # noqa: BLE001 - the CLI's contract: a line on stderr, status 1
-        os.write(2, f"{'oci-launcher' if entry == 'agent.launcher.cli' else entry}: {type(e).__name__}: {e}\n".encode())
+        prog = "oci-launcher" if entry == "agent.launcher.cli" else entry
+        os.write(2, f"{prog}: {type(e).__name__}: {e}\n".encode())
         code = 1
     try:
         sys.stdout.flush()

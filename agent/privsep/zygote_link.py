@@ -17,14 +17,14 @@ import time
 
 from . import wire
 
-# A zygote not ready after this is killed and restarted. Generous: it warms up at nice 19,
-# and on one emulated CPU that is busy with containers its imports can take a minute, while
-# killing it throws that work away (commands use the CLI meanwhile, so waiting costs nothing).
+# A zygote not ready after this is killed and restarted. Generous: on one emulated CPU busy
+# with containers its imports can take a minute, and killing it throws that work away
+# (commands run in new processes meanwhile, so waiting costs nothing).
 READY_TIMEOUT = 120.0
-# The zygote runs at nice 19 (set by init right after starting it) so that its warm-up does not
-# slow the daemon's own start; after this long init gives it init's priority back. Left at 19 on a CPU kept busy by containers it
-# got ~1.5% of it and was not ready after minutes (seen in a guest under load), so every
-# command kept paying for a new interpreter.
+# The zygote starts at nice 19 (set by init right after starting it) so that its warm-up does
+# not slow the daemon's own start; after this long init gives it init's priority back. Left at
+# 19 on a CPU kept busy by containers it got ~1.5% of it and was not ready after minutes (seen
+# in a guest under load), so every command kept paying for a new interpreter.
 LOW_PRIORITY_FOR = 5.0
 LOW_PRIORITY = 19
 # Init's priority, handed to the zygote: what it restores before its first fork, whatever

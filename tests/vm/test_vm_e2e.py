@@ -3,8 +3,8 @@
 One VM for the module (boot costs ~8 s under TCG); the last test powers it off with
 DestroySandbox. Clients reach it through agentctl.vmrelay, as `agentctl vm up` serves them:
 every test opens new connections, and over QEMU's own chardev socket a call sent right after
-the previous client left can be lost in the guest (see agentctl.vm). The container rootfs is the busybox tree rootfs-build.sh bakes into the initrd
-at /opt/busybox-rootfs.
+the previous client left can be lost in the guest (see agentctl.vm). The container rootfs is
+the busybox tree rootfs-build.sh bakes into the initrd at /opt/busybox-rootfs.
 """
 from __future__ import annotations
 
