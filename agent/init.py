@@ -463,8 +463,8 @@ class Init:
         for pid, status in sysc.reaped():
             if pid == self.daemon.pid:
                 self._daemon_exited(status)
-            elif any(pid == z.pid for z in self.zygotes):
-                next(z for z in self.zygotes if z.pid == pid).exited(status)
+            elif (z := next((z for z in self.zygotes if z.pid == pid), None)) is not None:
+                z.exited(status)
             elif pid in self.jobs:
                 for z in self.zygotes:
                     z.adopted(pid)  # a worker orphaned by its zygote's death

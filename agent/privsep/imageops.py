@@ -197,33 +197,33 @@ def parse(op: str, args: dict):
 
 # ---- acting ------------------------------------------------------------------------------
 
-def _spawn_job(sandbox, argv: list[str], stdio: list, env: dict | None) -> int:
-    """A puller job in a worker of the warm puller process when it is ready and the job needs
-    nothing in its environment (credentials travel there, and only to a process made for
-    them); else a new process."""
-    z = sandbox.puller_zygote
-    if z is not None and env is None and argv[:3] == _agentjob():
-        from .zygote_link import ZygoteUnavailable
-        try:
-            return z.spawn(argv[3:], stdio)
-        except ZygoteUnavailable:
-            pass
-    return sandbox._spawn(argv, stdio, env)
+def _puller_job(sandbox, args: list[str], what: str, env: dict | None = None):
+    """``python -m puller.agentjob ARGS`` as a :func:`_json_job`: in a worker of the warm
+    puller when it is ready and the job needs nothing in its environment (credentials travel
+    there, and only to a process made for them); else a new process."""
+    return _json_job(sandbox, [sys.executable, "-m", "puller.agentjob", *args], what, env,
+                     warm=args if env is None else None)
 
 
-def _agentjob() -> list[str]:
-    return [sys.executable, "-m", "puller.agentjob"]
-
-
-def _json_job(sandbox, argv: list[str], what: str, env: dict | None = None):
-    """A child whose stdout is one JSON answer; its stderr goes to a log read on failure."""
+def _json_job(sandbox, argv: list[str], what: str, env: dict | None = None,
+              warm: list[str] | None = None):
+    """A child whose stdout is one JSON answer; its stderr goes to a log read on failure.
+    ``warm``: the argv for the warm puller's worker, tried first (see _puller_job)."""
     from .handlers import Job, OpError, Reply
+    from .zygote_link import ZygoteUnavailable
 
     r, w = os.pipe2(os.O_CLOEXEC)
     log = sandbox._tmp("log")
     logfd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        pid = _spawn_job(sandbox, argv, [None, w, logfd], env)
+        pid = None
+        if warm is not None and sandbox.puller_zygote is not None:
+            try:
+                pid = sandbox.puller_zygote.spawn(warm, [None, w, logfd])
+            except ZygoteUnavailable:
+                pass
+        if pid is None:
+            pid = sandbox._spawn(argv, [None, w, logfd], env)
     except BaseException:
         os.close(r)
         try:
@@ -304,23 +304,22 @@ def handle(sandbox, op, fds: list[int]):
     from .handlers import OpError, Reply
 
     store = os.path.join(sandbox.run_dir, IMAGES_DIR)
-    py = _agentjob()
     if isinstance(op, PullImage):
         if os.path.isfile(PULLER_ROOTFS + PULLER_PYTHON):
             return _pull_in_container(sandbox, op, store)
-        argv = py + _pull_args(op, store)
         # credentials by environment, not argv: /proc/<pid>/cmdline is readable by anyone
-        job = _json_job(sandbox, argv, f"pull of {op.image}", {"PULLER_CREDS": op.creds} if op.creds else None)
+        job = _puller_job(sandbox, _pull_args(op, store), f"pull of {op.image}",
+                          {"PULLER_CREDS": op.creds} if op.creds else None)
         job.timeout = PULL_JOB_TIMEOUT
         return job
     if isinstance(op, Snapshot):
         dest = os.path.join(sandbox.run_dir, ROOTFS_DIR, op.container_id)
         os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
-        return _json_job(sandbox, py + ["snapshot", op.image, "--store", store, "--dest", dest,
-                                        "--id", op.container_id], f"snapshot of {op.image}")
+        return _puller_job(sandbox, ["snapshot", op.image, "--store", store, "--dest", dest,
+                                     "--id", op.container_id], f"snapshot of {op.image}")
     if isinstance(op, Unsnapshot):
-        return _json_job(sandbox, py + ["unsnapshot", op.container_id, "--store", store],
-                         f"unsnapshot of {op.container_id}")
+        return _puller_job(sandbox, ["unsnapshot", op.container_id, "--store", store],
+                           f"unsnapshot of {op.container_id}")
     if isinstance(op, Update):
         sandbox._container(op.container_id)
         path = sandbox._tmp("resources")
